@@ -1,0 +1,94 @@
+"""megatron's ``train_valid_test_datasets_provider`` for token-weighted training.
+
+Megatron's own GPTDataset (packed documents, ``--data-path``/``--split``; ``--mock-data`` for
+synthetic tokens) is the default. Every sample additionally carries ``sample_id``, its index in
+the dataset, which the weighting uses as a layout-independent tie-break key.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.training import get_args, get_tokenizer, print_rank_0
+from megatron.training.utils import get_blend_and_blend_per_split, is_first_or_last_pipeline_stage
+
+
+class WithSampleId(torch.utils.data.Dataset):
+    """Adds ``sample_id`` (the sample's index, int64) to every sample of ``dataset``."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx):
+        sample = dict(self.dataset[idx])
+        sample["sample_id"] = torch.tensor(int(idx), dtype=torch.int64)
+        return sample
+
+
+def is_dataset_built_on_rank(vp_stage=None) -> bool:
+    return (is_first_or_last_pipeline_stage(vp_stage)
+            and parallel_state.get_tensor_model_parallel_rank() == 0)
+
+
+def gpt_dataset_config_from_args(args) -> GPTDatasetConfig:
+    blend, blend_per_split = get_blend_and_blend_per_split(args)
+    return GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=args.split,
+        num_dataset_builder_threads=args.num_dataset_builder_threads,
+        path_to_cache=args.data_cache_path,
+        mmap_bin_files=args.mmap_bin_files,
+        tokenizer=get_tokenizer(),
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=args.create_attention_mask_in_dataloader,
+        mid_level_dataset_surplus=args.mid_level_dataset_surplus,
+    )
+
+
+# name -> builder(args, train_val_test_num_samples, vp_stage) -> (train, valid, test)
+DATASET_BUILDERS = {}
+
+
+def register_dataset_builder(name: str):
+    def register(fn):
+        DATASET_BUILDERS[name] = fn
+        return fn
+
+    return register
+
+
+@register_dataset_builder("gpt")
+def _build_gpt(args, num_samples, vp_stage):
+    dataset_type = MockGPTDataset if args.mock_data else GPTDataset
+    return BlendedMegatronDatasetBuilder(
+        dataset_type, num_samples, partial(is_dataset_built_on_rank, vp_stage=vp_stage),
+        gpt_dataset_config_from_args(args)).build()
+
+
+def dataset_kind(args) -> str:
+    return "long_document" if getattr(args, "tw_long_document_sampling", False) else "gpt"
+
+
+def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage: Optional[int] = None):
+    args = get_args()
+    kind = dataset_kind(args)
+    print_rank_0(f"> building train, validation, and test datasets ({kind}) ...")
+    datasets = DATASET_BUILDERS[kind](args, train_val_test_num_samples, vp_stage)
+    print_rank_0("> finished creating datasets ...")
+    return tuple(WithSampleId(ds) if ds is not None else None for ds in datasets)
+
+
+train_valid_test_datasets_provider.is_distributed = True

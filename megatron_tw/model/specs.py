@@ -1,0 +1,56 @@
+"""Transformer layer specs: Transformer Engine on GPU machines that have it, megatron's local
+modules otherwise. The choice follows ``--transformer-impl``; the start-up checks in
+``megatron_tw.arguments`` make sure a TE request on a machine without TE fails early and clearly.
+"""
+
+from __future__ import annotations
+
+from argparse import Namespace
+
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+# name -> builder(args) -> ModuleSpec. Register a new backend here (e.g. a kitchen spec).
+LAYER_SPECS = {}
+
+
+def register_layer_spec(name: str):
+    def register(fn):
+        LAYER_SPECS[name] = fn
+        return fn
+
+    return register
+
+
+@register_layer_spec("transformer_engine")
+def _te_spec(args: Namespace) -> ModuleSpec:
+    # TE's DotProductAttention implements context parallelism (p2p / a2a / all_gather).
+    return get_gpt_layer_with_transformer_engine_spec(
+        num_experts=args.num_experts,
+        moe_grouped_gemm=args.moe_grouped_gemm,
+        qk_layernorm=args.qk_layernorm,
+    )
+
+
+@register_layer_spec("local")
+def _local_spec(args: Namespace) -> ModuleSpec:
+    spec = get_gpt_layer_local_spec(
+        num_experts=args.num_experts,
+        moe_grouped_gemm=args.moe_grouped_gemm,
+        qk_layernorm=args.qk_layernorm,
+        normalization=args.normalization,
+    )
+    if args.context_parallel_size > 1:
+        # megatron's local DotProductAttention asserts CP == 1; swap in the CP-capable one.
+        from megatron_tw.model.cp_attention import ContextParallelDotProductAttention
+
+        spec.submodules.self_attention.submodules.core_attention = ContextParallelDotProductAttention
+    return spec
+
+
+def layer_spec_from_args(args: Namespace) -> ModuleSpec:
+    """The layer spec for ``--transformer-impl`` (``transformer_engine`` or ``local``)."""
+    return LAYER_SPECS[args.transformer_impl](args)

@@ -1,0 +1,44 @@
+"""Token-weighted long-context (continued) pretraining on Megatron-Core.
+
+    torchrun --nproc-per-node 8 pretrain_tw.py <megatron flags> --tw-preset dense ...
+
+Like Megatron-LM's pretrain_gpt.py this entry only wires the project's pieces into
+``megatron.training.pretrain()``; everything it adds lives in the ``megatron_tw`` package.
+"""
+
+import sys
+import time
+
+_PROGRAM_START = time.time()
+
+
+def main(argv=None) -> None:
+    from megatron_tw import runtime
+
+    runtime.prepare()  # before megatron parses flags: argument validation queries the device
+
+    from megatron.core.enums import ModelType
+    from megatron.training import pretrain, set_startup_timestamps
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+
+    from megatron_tw.arguments import ConfigError, parse_and_validate_args
+    from megatron_tw.data.provider import train_valid_test_datasets_provider
+    from megatron_tw.model.provider import model_provider
+    from megatron_tw.step import forward_step
+
+    try:
+        args = parse_and_validate_args(argv)
+    except ConfigError as err:
+        sys.exit(f"pretrain_tw.py: error: {err}")
+    set_startup_timestamps(program_start=_PROGRAM_START, main_entry=time.time())
+    pretrain(
+        pretrain_cfg_container_from_args(args),
+        train_valid_test_datasets_provider,
+        ModelType.encoder_or_decoder,
+        forward_step,
+        model_provider=model_provider,
+    )
+
+
+if __name__ == "__main__":  # the guard matters: checkpoint saves start worker processes
+    main()
