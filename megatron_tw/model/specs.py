@@ -13,6 +13,8 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron_tw.model.seeded_layer import LayerSeededTransformerLayer
+
 # name -> builder(args) -> ModuleSpec. Register a new backend here (e.g. a kitchen spec).
 LAYER_SPECS = {}
 
@@ -52,5 +54,8 @@ def _local_spec(args: Namespace) -> ModuleSpec:
 
 
 def layer_spec_from_args(args: Namespace) -> ModuleSpec:
-    """The layer spec for ``--transformer-impl`` (``transformer_engine`` or ``local``)."""
-    return LAYER_SPECS[args.transformer_impl](args)
+    """The layer spec for ``--transformer-impl`` (``transformer_engine`` or ``local``), with
+    layer-seeded initialisation (identical initial weights under every parallel layout)."""
+    spec = LAYER_SPECS[args.transformer_impl](args)
+    return ModuleSpec(module=LayerSeededTransformerLayer, params={"init_seed": args.seed},
+                      submodules=spec.submodules)
