@@ -1,0 +1,1 @@
+"""Text -> megatron IndexedDataset preprocessing and the built-in corpus sources."""

@@ -1,0 +1,122 @@
+"""Record -> token ids, run in the worker processes (Megatron-LM's ``Encoder``).
+
+Per record and per ``--json-keys`` key: decode the bytes (UTF-8, under the invalid-UTF-8
+rule), parse the JSON line, take the key's string, ``tokenizer.tokenize(text)`` (megatron's
+tokenizer, as training builds it), append EOD when asked. One document is one sequence
+(document-level output, as Megatron-LM without ``--split-sentences``).
+
+Invalid UTF-8 rule (``--invalid-utf8``):
+- ``error`` (default): the record is bad: its file, line and byte offset are reported.
+- ``replace``: each invalid byte sequence becomes U+FFFD; the record is kept and counted
+  as "documents with replaced bytes" in the summary.
+A bad record stops the run with its file and line, unless ``--skip-bad-lines`` is given;
+then it is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy
+
+from megatron_tw.data.preprocess.inputs import Record
+
+INVALID_UTF8_RULES = ("error", "replace")
+
+
+@dataclass
+class EncodedRecord:
+    """What a worker sends back for one record.
+
+    ``documents[key]``: token ids, shape [n] (dtype of the output), n == 0 for an empty
+    document. ``error``: the message for a bad record (``documents`` is None then).
+    """
+
+    nbytes: int
+    documents: dict[str, numpy.ndarray] | None = None
+    error: str | None = None
+    replaced_utf8: bool = False
+    blank: bool = False
+
+
+class Encoder:
+    """Holds the per-process tokenizer; ``encode(record)`` is what the pool maps."""
+
+    tokenizer = None  # one per worker process, built by initializer()
+
+    def __init__(self, tokenizer_args, json_keys: list[str], append_eod: bool,
+                 invalid_utf8: str, dtype):
+        if invalid_utf8 not in INVALID_UTF8_RULES:
+            raise ValueError(f"--invalid-utf8 must be one of {INVALID_UTF8_RULES}")
+        self.tokenizer_args = tokenizer_args
+        self.json_keys = list(json_keys)
+        self.append_eod = append_eod
+        self.invalid_utf8 = invalid_utf8
+        self.dtype = dtype
+
+    def initializer(self, tokenizer=None) -> None:
+        from megatron_tw.data.preprocess.tokenizer import build_tokenizer
+
+        Encoder.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(
+            self.tokenizer_args)
+        Encoder.eod = Encoder.tokenizer.eod if self.append_eod else None
+
+    def encode(self, record: Record) -> EncodedRecord:
+        nbytes = len(record.payload)
+        text, replaced, error = self._decode(record)
+        if error is not None:
+            return EncodedRecord(nbytes, error=error)
+
+        if record.is_json:
+            if not text.strip():
+                return EncodedRecord(nbytes, documents=None, blank=True)
+            fields, error = self._parse_json(record, text)
+            if error is not None:
+                return EncodedRecord(nbytes, error=error)
+        else:
+            fields = {self.json_keys[0]: text}
+
+        documents = {}
+        for key in self.json_keys:
+            try:
+                ids = Encoder.tokenizer.tokenize(fields[key])
+            except UnicodeEncodeError as exc:  # e.g. a lone surrogate from a "\ud800" escape
+                return EncodedRecord(nbytes, error=f"{record.where}: key {key!r} holds text "
+                                     f"that is not valid Unicode ({exc.reason})")
+            if ids and Encoder.eod is not None:
+                ids.append(Encoder.eod)
+            documents[key] = numpy.asarray(ids, dtype=self.dtype)
+        return EncodedRecord(nbytes, documents=documents, replaced_utf8=replaced)
+
+    def _decode(self, record: Record) -> tuple[str | None, bool, str | None]:
+        try:
+            return record.payload.decode("utf-8"), False, None
+        except UnicodeDecodeError as exc:
+            if self.invalid_utf8 == "replace":
+                return record.payload.decode("utf-8", errors="replace"), True, None
+            offset = f"byte {exc.start} of the line" if record.is_json else f"byte {exc.start}"
+            return None, False, (
+                f"{record.where}: invalid UTF-8 at {offset} ({exc.reason}); fix the input, "
+                "or pass --invalid-utf8 replace (substitutes U+FFFD, counted) or "
+                "--skip-bad-lines (skips it, counted)")
+
+    def _parse_json(self, record: Record, text: str) -> tuple[dict | None, str | None]:
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            return None, (f"{record.where}: malformed JSON ({exc.msg} at column {exc.colno}); "
+                          "fix the line or pass --skip-bad-lines")
+        if not isinstance(obj, dict):
+            return None, (f"{record.where}: expected a JSON object, got "
+                          f"{type(obj).__name__}; fix the line or pass --skip-bad-lines")
+        for key in self.json_keys:
+            if key not in obj:
+                return None, (f"{record.where}: missing key {key!r} (keys: "
+                              f"{sorted(obj)[:8]}); check --json-keys or pass "
+                              "--skip-bad-lines")
+            if not isinstance(obj[key], str):
+                return None, (f"{record.where}: key {key!r} is a "
+                              f"{type(obj[key]).__name__}, not a string; fix the line or "
+                              "pass --skip-bad-lines")
+        return obj, None
