@@ -79,6 +79,7 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def npm_package(spec: str, downloads: Path) -> Path:
     """``npm pack NAME@VERSION`` (tarball only, no dependencies), extracted; cached."""
     name, version = spec.rsplit("@", 1)
+    downloads = Path(downloads).resolve()  # the commands run inside it
     stem = f"{name.lstrip('@').replace('/', '-')}-{version}"
     out = downloads / stem
     if (out / ".complete").exists():
@@ -105,6 +106,7 @@ def deb_packages(packages: list[str], downloads: Path, key: str) -> Path:
     lists) and the download is retried.
     """
     global _APT_UPDATED
+    downloads = Path(downloads).resolve()  # the commands run inside it
     out = downloads / key
     if (out / ".complete").exists():
         return out
