@@ -6,8 +6,9 @@ is split over context-parallel ranks, so:
   the only data of sequence size that is communicated), and every rank computes the same
   selection on the whole sequence, then keeps its own slice;
 - the order is total and a pure function of the data: score (descending), then a pseudo-random
-  tie-break key (descending) that is a hash of (seed, iteration, sample id, global position),
-  then the global position itself (ascending) in the astronomically rare case of equal keys.
+  tie-break key (descending): a 31-bit hash of (seed, iteration, sample id, global position)
+  followed by the position's 32 bits, so keys are distinct within a sequence (positions are
+  unique there) and equal hashes fall back to the position.
 The key makes ties (e.g. many exact zeros after `max`) fall at random, as the method asks, yet
 reproducibly: the same batch at the same iteration gives the same weights on any layout.
 
@@ -27,8 +28,7 @@ _MASK32 = 0xFFFFFFFF
 # restores the decimal intent; it is far below the distance 1/N of kappa*N to the next integer
 # for any realistic kappa (<= 6 decimals) and N (<= 2^20 tokens).
 _FLOOR_SLACK = 1e-9
-# Independent hash streams: the 62-bit key is built from two 31-bit hashes.
-_SALTS = (0x2545F491, 0x6C8E9CF5)
+_SALT = 0x2545F491
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -59,25 +59,21 @@ def _absorb(h: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 def tie_break_keys(seed: int, iteration: int, sample_ids: torch.Tensor,
                    position_ids: torch.Tensor) -> torch.Tensor:
-    """Pseudo-random int64 keys in [0, 2^62), a pure function of the four inputs.
+    """Pseudo-random int64 keys in [0, 2^63), a pure function of the four inputs.
 
-    sample_ids: [b] int64; position_ids: [b, s] int64 (global positions).
-    Returns [b, s] int64. Integer-only arithmetic: identical on CPU and GPU and for every
-    parallel layout.
+    sample_ids: [b] int64; position_ids: [b, s] int64 (global positions, < 2^32).
+    Returns [b, s] int64: (31-bit hash << 32) | position, hence distinct for distinct positions.
+    Integer-only arithmetic: identical on CPU and GPU and for every parallel layout.
     """
     device = position_ids.device
-    positions = position_ids.to(torch.int64)
     scalars = torch.tensor([seed, iteration], dtype=torch.int64, device=device)
-    samples = sample_ids.to(device=device, dtype=torch.int64).reshape(-1, 1)
-    halves = []
-    for salt in _SALTS:
-        h = torch.full((1, 1), salt, dtype=torch.int64, device=device)
-        h = _absorb(h, scalars[0])
-        h = _absorb(h, scalars[1])
-        h = _absorb(h, samples)  # [b, 1]: per-row prefix, computed once per sequence
-        h = _absorb(h, positions)  # [b, s]
-        halves.append(h >> 1)  # 31 bits
-    return (halves[0] << 31) | halves[1]
+    h = torch.full((1, 1), _SALT, dtype=torch.int64, device=device)
+    h = _absorb(h, scalars[0])
+    h = _absorb(h, scalars[1])
+    # Per-sequence prefix [b, 1], computed once; then one mix per token (the costly part).
+    h = _absorb(h, sample_ids.to(device=device, dtype=torch.int64).reshape(-1, 1))
+    position = position_ids.to(torch.int64) & _MASK32
+    return ((_mix32(h ^ position) >> 1) << 32) | position
 
 
 def num_selected(kappa: float, num_tokens: torch.Tensor) -> torch.Tensor:
@@ -85,6 +81,14 @@ def num_selected(kappa: float, num_tokens: torch.Tensor) -> torch.Tensor:
     n = num_tokens.to(torch.float64)
     k = torch.floor(n * kappa + _FLOOR_SLACK).to(torch.int64)
     return torch.where((k < 1) & (n >= 1), torch.ones_like(k), k)
+
+
+def _kth_largest(values: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Per row, the k-th largest entry of values [b, n] (k: [b] int64 >= 0; rows with k = 0
+    get the largest). One top-k up to max(k): cheaper than a full sort for kappa < 1."""
+    k_max = max(int(k.max()), 1)  # a host sync; the tensor shapes need a Python int
+    top = torch.topk(values, k_max, dim=1).values  # [b, k_max], descending
+    return top.gather(1, (k - 1).clamp(min=0).unsqueeze(1))  # [b, 1]
 
 
 def top_kappa_mask(scores: torch.Tensor, valid: torch.Tensor, position_ids: torch.Tensor,
@@ -95,26 +99,34 @@ def top_kappa_mask(scores: torch.Tensor, valid: torch.Tensor, position_ids: torc
     scores: [b, s_local] float64; valid: [b, s_local] bool (the loss mask);
     position_ids: [b, s_local] int64 global positions; sample_ids: [b] int64.
     Gathers scores, positions and the mask over `cp_group` (the whole sequence; no other group).
-    Returns [b, s_local] float64 in {0, 1}.
+    Returns [b, s_local] float64 in {0, 1}. A nan score counts as -inf.
+
+    Selection by threshold instead of a full sort: t = the k-th largest score; every token
+    above t is kept, and the remaining slots go to the tokens equal to t with the largest
+    tie-break keys (hashed only for those tied tokens: usually one, many after a `max`).
     """
     s_local = scores.shape[1]
-    full_scores = cp_gather_seq(torch.where(valid, scores, 0.0), cp_group)
+    full_scores = cp_gather_seq(scores, cp_group)
     full_meta = cp_gather_seq(torch.stack([position_ids.to(torch.int64), valid.to(torch.int64)]),
                               cp_group)
-    full_pos, full_valid = full_meta[0], full_meta[1]
-    keys = tie_break_keys(seed, iteration, sample_ids, full_pos)
+    full_pos, full_valid = full_meta[0], full_meta[1] != 0
+    full_scores = torch.where(full_valid & ~torch.isnan(full_scores), full_scores, float("-inf"))
 
-    # Lexicographic order by (valid desc, score desc, key desc, position asc), built from the
-    # least significant criterion up with stable sorts.
-    order = torch.argsort(full_pos, dim=1, stable=True)
-    for criterion in (keys, full_scores, full_valid):
-        step = torch.argsort(criterion.gather(1, order), dim=1, descending=True, stable=True)
-        order = order.gather(1, step)
+    k = num_selected(kappa, full_valid.sum(dim=1))  # [b]
+    active = (k > 0).unsqueeze(1)
+    threshold = _kth_largest(full_scores, k)
+    above = active & full_valid & (full_scores > threshold)
+    tied = active & full_valid & (full_scores == threshold)
+    need = k - above.sum(dim=1)  # [b], slots left for tied tokens
 
-    k = num_selected(kappa, full_valid.sum(dim=1))
-    ranks = torch.arange(full_scores.shape[1], device=scores.device).expand_as(order)
-    keep_sorted = (ranks < k.unsqueeze(1)).to(torch.float64)
-    keep = torch.zeros_like(full_scores).scatter_(1, order, keep_sorted)
+    rows, cols = tied.nonzero(as_tuple=True)
+    keys = torch.full_like(full_pos, -1)
+    keys[rows, cols] = tie_break_keys(seed, iteration, sample_ids.to(full_pos.device)[rows],
+                                      full_pos[rows, cols].unsqueeze(1)).squeeze(1)
+    key_threshold = _kth_largest(keys, need)
+    chosen = tied & (need > 0).unsqueeze(1) & (keys >= key_threshold)
+
+    keep = (above | chosen).to(torch.float64)
     # This rank's tokens sit at block cp_rank of the gathered (layout-ordered) sequence.
     start = cp_rank(cp_group) * s_local
     return keep[:, start:start + s_local]
