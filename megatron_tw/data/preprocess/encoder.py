@@ -79,11 +79,7 @@ class Encoder:
 
         documents = {}
         for key in self.json_keys:
-            try:
-                ids = Encoder.tokenizer.tokenize(fields[key])
-            except UnicodeEncodeError as exc:  # e.g. a lone surrogate from a "\ud800" escape
-                return EncodedRecord(nbytes, error=f"{record.where}: key {key!r} holds text "
-                                     f"that is not valid Unicode ({exc.reason})")
+            ids = Encoder.tokenizer.tokenize(fields[key])
             if ids and Encoder.eod is not None:
                 ids.append(Encoder.eod)
             documents[key] = numpy.asarray(ids, dtype=self.dtype)
@@ -116,7 +112,14 @@ class Encoder:
                               f"{sorted(obj)[:8]}); check --json-keys or pass "
                               "--skip-bad-lines")
             if not isinstance(obj[key], str):
-                return None, (f"{record.where}: key {key!r} is a "
+                return None, (f"{record.where}: key {key!r} holds "
                               f"{type(obj[key]).__name__}, not a string; fix the line or "
                               "pass --skip-bad-lines")
+            if not obj[key].isascii():
+                try:  # a "\ud800" escape parses into a lone surrogate no tokenizer takes
+                    obj[key].encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    return None, (f"{record.where}: key {key!r} is not valid Unicode "
+                                  f"({exc.reason} at character {exc.start}); fix the line "
+                                  "or pass --skip-bad-lines")
         return obj, None
