@@ -60,7 +60,7 @@ def decode_window(sample):
     return d, o
 
 
-LENGTHS = [5, 8, 9, 15, 22, 7, 30, 16, 40, 3]  # 10 documents, several shorter than SEQ
+LENGTHS = [5, 8, 9, 15, 22, 7, 28, 14, 40, 3]  # 10 documents: some < SEQ, some L % (SEQ-1) == 0
 
 
 def build(tmp_path, **kw):
@@ -139,7 +139,7 @@ def test_sample_id_is_the_global_window_index(tmp_path):
 
 def test_epochs_repeat_and_seed_shuffles(tmp_path):
     docs = write_dataset(tmp_path / "probe", LENGTHS)
-    n = len(reference_windows(docs, SEQ, 0, range(len(docs))))  # 18 windows
+    n = len(reference_windows(docs, SEQ, 0, range(len(docs))))
     total = 3 * n + 5
     _, (train, _, _) = build(tmp_path, num_samples=[total, 0, 0], split="1,0,0")
     assert len(train) == total
