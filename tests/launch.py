@@ -74,3 +74,30 @@ def iteration_logs(output: str) -> dict[int, dict[str, float]]:
             fields = {k.strip(): float(v) for k, v in _FIELD.findall(m.group(2) + "|")}
             logs[int(m.group(1))] = fields
     return logs
+
+
+def tensorboard_scalars(logdir) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} from the TensorBoard event files under ``logdir`` (full precision,
+    one value per step, unlike the console, which megatron averages over logged intervals)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def train(nproc: int, args: list[str], logdir, **kwargs) -> dict[str, dict[int, float]]:
+    """Run pretrain_tw.py with TensorBoard logging to ``logdir``; return its scalars."""
+    pretrain(nproc, [*args, "--tensorboard-dir", str(logdir)], **kwargs)
+    return tensorboard_scalars(logdir)
+
+
+def assert_same_run(got: dict, ref: dict, tags=("lm loss", "grad-norm"), rel=1e-5, steps=None):
+    """Per-step equality of the given scalars between two runs (within float tolerance)."""
+    import pytest
+
+    for tag in tags:
+        want = ref[tag] if steps is None else {s: ref[tag][s] for s in steps}
+        assert sorted(got[tag]) == sorted(want), (tag, sorted(got[tag]), sorted(want))
+        for step, value in want.items():
+            assert got[tag][step] == pytest.approx(value, rel=rel, abs=1e-6), (tag, step)
