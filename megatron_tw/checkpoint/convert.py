@@ -1,0 +1,160 @@
+"""Whole-folder conversions: HF folder -> megatron torch_dist checkpoint, and back.
+
+HF -> megatron output folder (``pretrain_tw.py --pretrained-checkpoint OUT`` or ``--load OUT``)::
+
+    OUT/latest_checkpointed_iteration.txt   "release"
+    OUT/release/                            torch_dist model weights (+ the megatron args used)
+    OUT/megatron_args.txt / .json           the model flags to pass to pretrain_tw.py
+    OUT/config.json + tokenizer files       the source HF config and tokenizer (for
+                                            --tokenizer-type HuggingFaceTokenizer --tokenizer-model OUT
+                                            and for the way back)
+
+megatron -> HF output folder: config.json, model.safetensors (sharded above 5 GB), tokenizer files;
+``AutoModelForCausalLM.from_pretrained(OUT)`` and ``AutoTokenizer.from_pretrained(OUT)`` load it
+offline. Both directions write to a temporary folder and rename it at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+import torch
+
+from megatron_tw.checkpoint import hf_io, megatron_io
+from megatron_tw.checkpoint.families import (
+    ConversionError,
+    HFModelSpec,
+    megatron_args_from_hf_config,
+    padded_vocab_size,
+    spec_from_hf_config,
+    with_rope_theta,
+)
+from megatron_tw.checkpoint.hf import load_hf_into_megatron, megatron_state_to_hf, unsharded_state_dict
+
+EMBEDDING_KEY = "embedding.word_embeddings.weight"
+
+
+def compatible_tp_sizes(vocab_size: int, divisible_by: int, padded: int, spec: HFModelSpec) -> list[int]:
+    """TP sizes (up to 64) whose megatron vocabulary padding gives exactly ``padded`` rows and that
+    divide the attention heads: the layouts this checkpoint loads into with the printed flags."""
+    return [t for t in (1, 2, 4, 8, 16, 32, 64)
+            if padded_vocab_size(vocab_size, divisible_by, t) == padded and spec.num_heads % t == 0]
+
+
+def hf_to_megatron(hf_dir: str, out_dir: str, *, rotary_base: Optional[int] = None,
+                   make_vocab_size_divisible_by: int = 128, target_tensor_parallel_size: int = 1,
+                   dtype: Optional[torch.dtype] = None, tokenizer_model: Optional[str] = None,
+                   overwrite: bool = False) -> dict:
+    """Convert an HF Llama-family folder into a megatron release checkpoint. Returns the summary
+    written to ``megatron_args.json`` (``flags``: the model flags pretrain_tw.py needs).
+
+    ``target_tensor_parallel_size``: the vocabulary is padded as megatron pads it at this TP size
+    (megatron pads to a multiple of divisible_by x TP); the checkpoint then loads into that TP and
+    every TP dividing it. ``rotary_base`` overrides ``rope_theta`` (context extension).
+    """
+    config = hf_io.read_hf_config(hf_dir)
+    spec = spec_from_hf_config(config)
+    flags = megatron_args_from_hf_config(spec, rotary_base=rotary_base,
+                                         make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    padded = padded_vocab_size(spec.vocab_size, make_vocab_size_divisible_by,
+                               target_tensor_parallel_size)
+    dtype = dtype or hf_io.hf_dtype(config) or torch.float32
+    summary = {
+        "source": os.path.abspath(hf_dir),
+        "architecture": spec.architecture,
+        "spec": dataclasses.asdict(spec),
+        "rotary_base": rotary_base if rotary_base is not None else spec.rope_theta,
+        "vocab_size": spec.vocab_size,
+        "padded_vocab_size": padded,
+        "compatible_tensor_parallel_sizes": compatible_tp_sizes(
+            spec.vocab_size, make_vocab_size_divisible_by, padded, spec),
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+    with hf_io.atomic_output_dir(out_dir, overwrite) as tmp:
+        with megatron_io.single_process_megatron():
+            args = megatron_io.parse_model_args(flags)
+            model = megatron_io.build_model(args, padded, dtype)
+            load_hf_into_megatron(model, hf_dir, config, rotary_base=rotary_base)
+            megatron_io.save_release_checkpoint(model, args, tmp)
+        config.save_pretrained(tmp)
+        summary["tokenizer_files"] = hf_io.copy_tokenizer(tmp, hf_folder=hf_dir,
+                                                          tokenizer_model=tokenizer_model)
+        megatron_io.write_megatron_args(tmp, flags, summary)
+    summary["flags"] = flags
+    return summary
+
+
+# checkpoint arg -> HFModelSpec field: what must agree between a checkpoint and its HF template
+_STRUCTURE = (("num_layers", "num_layers"), ("hidden_size", "hidden_size"),
+              ("ffn_hidden_size", "ffn_hidden_size"), ("num_attention_heads", "num_heads"),
+              ("num_query_groups", "num_kv_heads"), ("kv_channels", "head_dim"),
+              ("add_qkv_bias", "qkv_bias"))
+
+
+def _check_structure(ckpt_args, spec: HFModelSpec, data_dir: str) -> None:
+    if ckpt_args is None:
+        return
+    for arg, field in _STRUCTURE:
+        have, want = getattr(ckpt_args, arg, None), getattr(spec, field)
+        if have is not None and have != want:
+            raise ConversionError(f"{data_dir}: checkpoint was trained with --{arg.replace('_', '-')} "
+                                  f"{have}, the HF config has {field}={want}; pass the matching "
+                                  "--hf-config")
+    untied = getattr(ckpt_args, "untie_embeddings_and_output_weights", None)
+    if untied is not None and untied == spec.tied_embeddings:
+        raise ConversionError(f"{data_dir}: checkpoint has untie_embeddings_and_output_weights="
+                              f"{untied}, the HF config tie_word_embeddings={spec.tied_embeddings}")
+
+
+def megatron_to_hf(ckpt_dir: str, out_dir: str, *, hf_config: Optional[str] = None,
+                   dtype: Optional[torch.dtype] = None, tokenizer_from: Optional[str] = None,
+                   tokenizer_model: Optional[str] = None, iteration: Optional[int] = None,
+                   overwrite: bool = False) -> dict:
+    """Convert a megatron torch_dist checkpoint (any TP x PP layout it was saved in) to an HF folder.
+
+    ``hf_config``: the HF folder/config.json giving the architecture (default: the config.json
+    that hf_to_megatron left in ``ckpt_dir``). The RoPE base and context length a run trained with
+    (``--rotary-base``, ``--seq-length``, from the checkpoint's saved args) replace the template's.
+    """
+    data_dir = megatron_io.checkpoint_data_dir(ckpt_dir, iteration)
+    template = hf_config or ckpt_dir
+    if not os.path.exists(os.path.join(template, "config.json")) and not os.path.isfile(template):
+        raise ConversionError(f"{ckpt_dir}: no config.json; pass --hf-config <the source HF folder>")
+    config = hf_io.read_hf_config(template)
+    spec = spec_from_hf_config(config)
+    ckpt_args = megatron_io.checkpoint_args(data_dir)
+    _check_structure(ckpt_args, spec, data_dir)
+    if ckpt_args is not None:
+        context = max(spec.max_position_embeddings, getattr(ckpt_args, "seq_length", 0) or 0,
+                      getattr(ckpt_args, "max_position_embeddings", 0) or 0)
+        config = with_rope_theta(config, getattr(ckpt_args, "rotary_base", spec.rope_theta), context)
+        spec = spec_from_hf_config(config)
+    padded = megatron_io.checkpoint_tensor_shape(data_dir, EMBEDDING_KEY)[0]
+    flags = megatron_args_from_hf_config(spec)
+    saved_dtype = _checkpoint_dtype(data_dir)
+    out_dtype = dtype or hf_io.hf_dtype(config) or saved_dtype
+    with hf_io.atomic_output_dir(out_dir, overwrite) as tmp:
+        with megatron_io.single_process_megatron():
+            args = megatron_io.parse_model_args(flags)
+            model = megatron_io.build_model(args, padded, saved_dtype)
+            megatron_io.load_checkpoint_into_model(model, args, data_dir)
+            state = megatron_state_to_hf(unsharded_state_dict(model), spec, dtype=out_dtype)
+        del model
+        files = hf_io.save_safetensors(state, tmp)
+        config.architectures = [spec.architecture]
+        config.dtype = out_dtype
+        config.save_pretrained(tmp)
+        tokenizer = hf_io.copy_tokenizer(tmp, hf_folder=tokenizer_from or template,
+                                         tokenizer_model=tokenizer_model)
+    return {"checkpoint": data_dir, "files": files, "tokenizer_files": tokenizer,
+            "rope_theta": spec.rope_theta, "max_position_embeddings": spec.max_position_embeddings,
+            "dtype": str(out_dtype).replace("torch.", "")}
+
+
+def _checkpoint_dtype(data_dir: str) -> torch.dtype:
+    from megatron.core import dist_checkpointing
+
+    meta = dist_checkpointing.load_tensors_metadata(data_dir)
+    return meta[EMBEDDING_KEY].dtype
