@@ -109,6 +109,24 @@ def check_context_parallel(args: argparse.Namespace) -> None:
                           "--context-parallel-size > 1 with --transformer-impl local")
 
 
+def _register_project_groups() -> None:
+    from megatron_tw.data.arguments import add_data_args, validate_data_args
+    from megatron_tw.scoring.arguments import add_scoring_args, validate_scoring_args
+    from megatron_tw.weighting import add_weighting_args, weighting_config_from_args
+
+    def weighting(args):
+        args.tw_weighting = weighting_config_from_args(args)
+
+    for add in (add_weighting_args, add_scoring_args, add_data_args):
+        register_arg_group(add)
+    # Order matters: the scorer checks read the weighting config.
+    for check in (weighting, validate_scoring_args, validate_data_args):
+        register_arg_check(check)
+
+
+_register_project_groups()
+
+
 def parse_and_validate_args(argv: Optional[Sequence[str]] = None,
                             set_globals: bool = True) -> argparse.Namespace:
     """Parse megatron + --tw-* flags from ``argv`` (default ``sys.argv[1:]``), run the project's
@@ -126,7 +144,12 @@ def parse_and_validate_args(argv: Optional[Sequence[str]] = None,
         sys.argv = saved
 
     for check in ARG_CHECKS:
-        check(args)
+        try:
+            check(args)
+        except ConfigError:
+            raise
+        except ValueError as err:  # the package validators raise ValueError naming the flag
+            raise ConfigError(str(err)) from err
     if args.use_checkpoint_args:
         from megatron.training.checkpointing import load_args_from_checkpoint
 

@@ -1,0 +1,69 @@
+"""The --tw-scorer* flags: who gives each token its short-context loss, and how much context."""
+
+from __future__ import annotations
+
+import argparse
+
+SCORERS = ("self", "frozen", "precomputed")
+SHORT_MODES = ("windows", "sliding")
+
+
+def add_scoring_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    group = parser.add_argument_group(title="short-context scorer")
+    group.add_argument("--tw-scorer", choices=SCORERS, default="self",
+                       help="self: the trainee's current weights under no_grad (the paper's "
+                            "default); frozen: a separate frozen model (--tw-scorer-load) "
+                            "co-located with the trainee; precomputed: losses stored next to the "
+                            "data by tools/score_data.py (--tw-short-loss-path).")
+    group.add_argument("--tw-short-context", type=int, default=None,
+                       help="W: tokens of context the short-context model sees (window length).")
+    group.add_argument("--tw-short-stride", type=int, default=None,
+                       help="S for --tw-short-mode windows: windows of W every S tokens, each "
+                            "keeping its last S losses; (seq_length - W) must be divisible by S. "
+                            "Default W // 2.")
+    group.add_argument("--tw-short-mode", choices=SHORT_MODES, default="sliding",
+                       help="windows: the reference's overlapping windows (each token sees "
+                            "W-S..W-1 tokens); sliding: every token sees exactly the previous "
+                            "W-1 tokens (one pass with sliding-window attention).")
+    group.add_argument("--tw-scorer-load", type=str, default=None,
+                       help="frozen scorer: a Hugging Face folder or a Megatron checkpoint.")
+    group.add_argument("--tw-scorer-stage", type=int, default=0,
+                       help="frozen scorer with pipeline parallelism: the stage that holds it "
+                            "(default 0; the last stage already holds the output layer and loss).")
+    group.add_argument("--tw-scorer-fp8", action="store_true",
+                       help="Run the frozen scorer's inference under FP8 autocast (TE, GPU).")
+    group.add_argument("--tw-short-loss-path", type=str, default=None,
+                       help="precomputed scorer: prefix of the sidecar indexed dataset written by "
+                            "tools/score_data.py (default: <data-path>_short_loss).")
+    return parser
+
+
+def validate_scoring_args(args: argparse.Namespace) -> None:
+    """Checks that need only the flags; errors name the flag and the fix."""
+    config = getattr(args, "tw_weighting", None)
+    if config is None or not config.needs_short_loss:
+        return
+    W, S, T = args.tw_short_context, args.tw_short_stride, args.seq_length
+    if args.tw_scorer != "precomputed":
+        if W is None:
+            raise ValueError(f"--tw-preset {args.tw_preset} compares long- and short-context "
+                             "losses: give --tw-short-context W (e.g. a quarter of --seq-length)")
+        if not 1 <= W < T:
+            raise ValueError(f"--tw-short-context {W} must be in [1, --seq-length {T}): a short "
+                             "context as long as the sequence gives every token weight from d=0")
+        if args.tw_short_mode == "windows":
+            S = S if S is not None else max(1, W // 2)
+            args.tw_short_stride = S
+            if not 1 <= S <= W or (T - W) % S != 0:
+                raise ValueError(f"--tw-short-stride {S} must be in [1, W={W}] and tile the "
+                                 f"sequence: (seq_length - W) = {T - W} divisible by S")
+        elif S is not None:
+            raise ValueError("--tw-short-stride applies to --tw-short-mode windows only")
+    if args.tw_scorer == "frozen" and not args.tw_scorer_load:
+        raise ValueError("--tw-scorer frozen needs --tw-scorer-load <HF folder or Megatron "
+                         "checkpoint>")
+    if args.tw_scorer != "frozen" and (args.tw_scorer_load or args.tw_scorer_fp8):
+        raise ValueError("--tw-scorer-load/--tw-scorer-fp8 apply to --tw-scorer frozen only")
+    if args.tw_scorer_fp8 and args.fp8 is None and args.transformer_impl != "transformer_engine":
+        raise ValueError("--tw-scorer-fp8 needs Transformer Engine (--transformer-impl "
+                         "transformer_engine on a GPU)")
