@@ -28,8 +28,8 @@
 #
 # Usage:
 #   bash examples/llama3_8b_32k_dense.sh [extra pretrain_tw.py flags; later flags win]
-#   TW_PRINT_ARGS=1 bash examples/llama3_8b_32k_dense.sh   # print the launch command, one
-#                                                          # NUL-terminated field per argument
+#   TW_PRINT_ARGS=1 bash examples/llama3_8b_32k_dense.sh
+#       prints the command instead of running it: one line, each argument NUL-terminated
 #
 # Training budget: global batch 16 x 32,768 tokens x 240 steps = 126 M tokens. The paper's
 # "about 1 B tokens on 8 GPUs" corresponds to 16 sequences per GPU, i.e. GLOBAL_BATCH_SIZE=128.
@@ -169,6 +169,7 @@ LAUNCH=(
 
 if [[ "${TW_PRINT_ARGS:-0}" == 1 ]]; then
     printf '%s\0' "${LAUNCH[@]}"
+    printf '\n'
     exit 0
 fi
 mkdir -p "$SAVE_DIR" "$TB_DIR"

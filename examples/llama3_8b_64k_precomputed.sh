@@ -34,8 +34,8 @@
 #
 # Usage:
 #   bash examples/llama3_8b_64k_precomputed.sh [extra pretrain_tw.py flags; later flags win]
-#   TW_PRINT_ARGS=1 bash examples/llama3_8b_64k_precomputed.sh   # print the launch command, one
-#                                                          # NUL-terminated field per argument
+#   TW_PRINT_ARGS=1 bash examples/llama3_8b_64k_precomputed.sh
+#       prints the command instead of running it: one line, each argument NUL-terminated
 #
 # Training budget: global batch 8 x 65,536 tokens x 240 steps = 126 M tokens, the tokens per
 # step of the 32k reference run (16 x 32,768). RoPE base: 15.3 M, as at 32k; override with
@@ -180,6 +180,7 @@ LAUNCH=(
 
 if [[ "${TW_PRINT_ARGS:-0}" == 1 ]]; then
     printf '%s\0' "${LAUNCH[@]}"
+    printf '\n'
     exit 0
 fi
 mkdir -p "$SAVE_DIR" "$TB_DIR"
