@@ -95,8 +95,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     model, trained = train_sentencepiece([str(corpus.train_path)], out / "tokenizer",
                                          vocab_size=args.vocab_size)
-    print(f"  {model} ({'trained in %.1f s' % (time.perf_counter() - t0) if trained else 'up to date'})",
-          flush=True)
+    state = f"trained in {time.perf_counter() - t0:.1f} s" if trained else "up to date"
+    print(f"  {model} ({state})", flush=True)
 
     print("[3/3] preprocess (SentencePieceTokenizer, --append-eod)", flush=True)
     splits = {}

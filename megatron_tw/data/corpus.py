@@ -6,8 +6,8 @@
   (by default Austen's *Persuasion*, a ~110k-token novel for long-context evaluation);
 - ``out_dir/manifest.json``: sources, counts, bytes, and the sources that failed.
 
-Idempotent: each source's documents are cached in ``out_dir/cache/<source>.jsonl`` and its
-downloads in ``out_dir/downloads``; a second run with the same arguments does no network
+Idempotent: each source's documents are cached in ``out_dir/cache/<source>.v<N>.jsonl``
+and its downloads in ``out_dir/downloads``; a second run with the same arguments does no network
 work and rewrites nothing. A source that fails stops the build naming the source and the
 cause, unless ``allow_missing`` (``--allow-missing-sources``): then it is left out, said so
 loudly, and recorded in the manifest.
@@ -29,6 +29,8 @@ from megatron_tw.data.preprocess.sources import (
 )
 
 DEFAULT_HELDOUT = ("Persuasion",)
+# Bump when a source's text cleaning changes: cached documents of older versions are then
+# rebuilt from the (still cached) downloads.
 MANIFEST_VERSION = 1
 
 
@@ -84,7 +86,7 @@ def _read_jsonl(path: Path) -> list[Document]:
 
 def load_source(name: str, cache_dir: Path, downloads: Path) -> list[Document]:
     """A source's documents, from the cache or fetched (then cached)."""
-    cached = cache_dir / f"{name}.jsonl"
+    cached = cache_dir / f"{name}.v{MANIFEST_VERSION}.jsonl"
     if cached.exists():
         return _read_jsonl(cached)
     docs = SOURCES[name].fetch(downloads)

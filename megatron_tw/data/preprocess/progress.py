@@ -31,7 +31,7 @@ class Progress:
         if self.bar is not None:
             self.bar.update(nbytes)
             if records % self.log_interval == 0:
-                self.bar.set_postfix_str(f"{self._docs_per_s(records):.0f} docs/s",
+                self.bar.set_postfix_str(f"{records} docs, {self._docs_per_s(records):.0f} docs/s",
                                          refresh=False)
         elif records % self.log_interval == 0:
             elapsed = time.perf_counter() - self.start
@@ -45,5 +45,6 @@ class Progress:
 
     def close(self) -> None:
         if self.bar is not None:
+            self.bar.refresh()
             self.bar.close()
             self.bar = None

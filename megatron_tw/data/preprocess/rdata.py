@@ -76,7 +76,8 @@ class _Unpickler:
 
     def read(self) -> RObject | None:
         if self._take(2) != b"X\n":
-            raise RDataError("not an XDR ('X\\n') R serialization; ascii/native formats unsupported")
+            raise RDataError("not an XDR ('X\\n') R serialization; the ascii and native "
+                             "formats are not supported")
         version = self._int()
         self._int(), self._int()  # writer's R version, minimal reader version
         if version == 3:
