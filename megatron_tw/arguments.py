@@ -58,6 +58,8 @@ def add_tw_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     # The method's loss is sum(w * mask * loss) / sum(mask) over the whole global batch: megatron's
     # per-token mode divides once by the global token count (no per-CP-rank bias, upstream #7452).
     parser.set_defaults(calculate_per_token_loss=True)
+    # Causal attention needs no [s, s] mask tensor: at 32k-128k tokens one would cost GBs.
+    parser.set_defaults(create_attention_mask_in_dataloader=False)
     if not runtime.cuda_available():
         _cpu_defaults(parser)
     for add in ARG_GROUPS:

@@ -101,3 +101,22 @@ def assert_same_run(got: dict, ref: dict, tags=("lm loss", "grad-norm"), rel=1e-
         assert sorted(got[tag]) == sorted(want), (tag, sorted(got[tag]), sorted(want))
         for step, value in want.items():
             assert got[tag][step] == pytest.approx(value, rel=rel, abs=1e-6), (tag, step)
+
+
+def write_random_corpus(prefix, *, n_docs: int = 200, vocab: int = 128, min_len: int = 5,
+                        max_len: int = 60, seed: int = 0) -> str:
+    """A small indexed dataset of random documents ending in EOD (= vocab - 1, NullTokenizer's),
+    for runs that need uneven loss masks (``--eod-mask-loss``) or real --data-path handling.
+    Returns the prefix to pass as ``--data-path``."""
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(seed)
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
+    for _ in range(n_docs):
+        n = int(rng.integers(min_len, max_len))
+        doc = np.append(rng.integers(0, vocab - 1, n - 1), vocab - 1).astype(np.int32)
+        builder.add_document(torch.from_numpy(doc), [len(doc)])
+    builder.finalize(f"{prefix}.idx")
+    return str(prefix)

@@ -13,6 +13,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron_tw.model.cp_attention import ContextParallelDotProductAttention
 from megatron_tw.model.seeded_layer import LayerSeededTransformerLayer
 
 # name -> builder(args) -> ModuleSpec. Register a new backend here (e.g. a kitchen spec).
@@ -45,11 +46,9 @@ def _local_spec(args: Namespace) -> ModuleSpec:
         qk_layernorm=args.qk_layernorm,
         normalization=args.normalization,
     )
-    if args.context_parallel_size > 1:
-        # megatron's local DotProductAttention asserts CP == 1; swap in the CP-capable one.
-        from megatron_tw.model.cp_attention import ContextParallelDotProductAttention
-
-        spec.submodules.self_attention.submodules.core_attention = ContextParallelDotProductAttention
+    # megatron's local DotProductAttention asserts CP == 1 and needs a materialised mask for
+    # sliding windows; this one serves CP (all-gathered K/V) and windows with the same code.
+    spec.submodules.self_attention.submodules.core_attention = ContextParallelDotProductAttention
     return spec
 
 

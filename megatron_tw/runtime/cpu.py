@@ -49,6 +49,7 @@ def _redirect_device_kwarg(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         if _is_cuda_device(kwargs.get("device")):
             kwargs["device"] = "cpu"
+        kwargs.pop("pin_memory", None)  # pinning needs an accelerator
         return fn(*args, **kwargs)
 
     wrapper.__megatron_tw_cpu__ = True
@@ -61,8 +62,9 @@ _FACTORIES = (
 )
 
 
-@_measure("megatron creates tensors with device='cuda' or device=torch.cuda.current_device() "
-          "(pipeline schedules, optimizer, timers, pretrain start-up): create them on the CPU")
+@_measure("megatron creates tensors with device='cuda' or device=torch.cuda.current_device(), "
+          "some pinned (pipeline schedules, optimizer, RoPE CP slicing, pretrain start-up): "
+          "create them on the CPU, unpinned")
 def factory_device_redirect() -> None:
     for name in _FACTORIES:
         setattr(torch, name, _redirect_device_kwarg(getattr(torch, name)))
