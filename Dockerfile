@@ -7,9 +7,9 @@
 #
 # See docs/gpu.md (GPU check, launch scripts, FP8 recipes).
 #
-# Base image: the NGC release of August 2026, the one megatron-core 0.19.x was tested against
-# (Megatron-LM's CI pins the previous month's NGC image for each release); Ubuntu 24.04,
-# Python 3.12. Another release: docker build --build-arg BASE_IMAGE=nvcr.io/nvidia/pytorch:YY.MM-py3
+# Base image: the NGC release of August 2026, current when megatron-core 0.19.2 came out
+# (Megatron-LM builds each release on the previous month's NGC image); Ubuntu 24.04, Python 3.12.
+# Another release: docker build --build-arg BASE_IMAGE=nvcr.io/nvidia/pytorch:YY.MM-py3
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:26.08-py3
 FROM ${BASE_IMAGE}
 
