@@ -16,6 +16,7 @@ from megatron.training.utils import is_first_or_last_pipeline_stage
 
 from megatron_tw.data.batch import active_keys, get_batch
 from megatron_tw.loss import token_weighted_loss
+from megatron_tw.token_weights import build_weight_fn, full_rows_needed
 
 
 def _batch_for_this_rank(data_iterator, vp_stage):
@@ -30,14 +31,8 @@ def _batch_for_this_rank(data_iterator, vp_stage):
         tp_group=parallel_state.get_tensor_model_parallel_group(),
         tp_src_rank=parallel_state.get_tensor_model_parallel_src_rank(),
         cp_group=parallel_state.get_context_parallel_group(),
+        keep_full=("tokens", "labels") if full_rows_needed(args) else (),
     )
-
-
-def _weight_fn(args, batch):
-    """The per-micro-batch weighting hook; None for the uniform baseline (stock loss)."""
-    from megatron_tw.token_weights import build_weight_fn
-
-    return build_weight_fn(args, batch)
 
 
 def forward_step(data_iterator, model, return_schedule_plan: bool = False):
@@ -53,4 +48,5 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
         return model(None, None, None), partial(token_weighted_loss, None, None)
     output_tensor = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
                           loss_mask=batch["loss_mask"])
-    return output_tensor, partial(token_weighted_loss, batch["loss_mask"], _weight_fn(args, batch))
+    weight_fn = build_weight_fn(args, batch, model)
+    return output_tensor, partial(token_weighted_loss, batch["loss_mask"], weight_fn)

@@ -61,12 +61,15 @@ def _broadcast(tensor: torch.Tensor, src: int, group) -> torch.Tensor:
 
 
 def get_batch(data_iterator: Optional[Iterator], *, keys: list[BatchKey], micro_batch_size: int,
-              seq_length: int, tp_group, tp_src_rank: int, cp_group) -> dict[str, torch.Tensor]:
+              seq_length: int, tp_group, tp_src_rank: int, cp_group,
+              keep_full: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """Read (TP rank 0), broadcast over ``tp_group`` and split over ``cp_group``.
 
     Returns a dict of ``[b, s / CP]`` per-token tensors (and ``[b]`` per-sample tensors). On TP
     ranks other than 0 ``data_iterator`` is not touched. Receive buffers are shaped from
     ``micro_batch_size`` and ``seq_length`` (the full sequence length, before the CP split).
+    Keys in ``keep_full`` are also returned unsplit as ``<key>_full`` [b, s] (the scorer keeps
+    whole token rows: integers only, so every CP rank can score the spans ending in its chunks).
     """
     reading = tp_group is None or dist.get_rank(tp_group) == 0
     sample = next(data_iterator) if reading else None
@@ -83,6 +86,8 @@ def get_batch(data_iterator: Optional[Iterator], *, keys: list[BatchKey], micro_
         batch[key.name] = _broadcast(tensor, tp_src_rank, tp_group)
 
     per_token = {name: t for name, t in batch.items() if BATCH_KEYS[name].per_token}
+    for name in keep_full:
+        batch[f"{name}_full"] = batch[name]
     if cp_group is not None and dist.get_world_size(cp_group) > 1:
         # cp_group must be explicit: megatron treats None as the whole world.
         per_token = get_batch_on_this_cp_rank(per_token, is_hybrid_cp=False, cp_group=cp_group)

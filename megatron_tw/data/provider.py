@@ -29,7 +29,7 @@ class WithSampleId(torch.utils.data.Dataset):
 
     def __getitem__(self, idx):
         sample = dict(self.dataset[idx])
-        sample["sample_id"] = torch.tensor(int(idx), dtype=torch.int64)
+        sample.setdefault("sample_id", torch.tensor(int(idx), dtype=torch.int64))
         return sample
 
 
@@ -76,6 +76,20 @@ def _build_gpt(args, num_samples, vp_stage):
     return BlendedMegatronDatasetBuilder(
         dataset_type, num_samples, partial(is_dataset_built_on_rank, vp_stage=vp_stage),
         gpt_dataset_config_from_args(args)).build()
+
+
+@register_dataset_builder("long_document")
+def _build_long_document(args, num_samples, vp_stage):
+    from megatron_tw.data.long_document import build_long_document_datasets
+
+    if not is_dataset_built_on_rank(vp_stage):
+        return None, None, None
+    tokenizer = get_tokenizer()
+    return build_long_document_datasets(
+        args.data_path, seq_length=args.seq_length, bos_id=tokenizer.bos,
+        min_document_length=args.tw_min_document_length or 0, split=args.split,
+        num_samples=num_samples, seed=args.seed,
+        create_attention_mask=args.create_attention_mask_in_dataloader)
 
 
 def dataset_kind(args) -> str:
