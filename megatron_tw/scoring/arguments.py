@@ -59,6 +59,11 @@ def validate_scoring_args(args: argparse.Namespace) -> None:
                                  f"sequence: (seq_length - W) = {T - W} divisible by S")
         elif S is not None:
             raise ValueError("--tw-short-stride applies to --tw-short-mode windows only")
+    if args.tw_scorer == "self" and args.pipeline_model_parallel_size > 1:
+        raise ValueError("--tw-scorer self runs the trainee's whole model on short contexts, which "
+                         "pipeline parallelism splits across stages; with "
+                         "--pipeline-model-parallel-size > 1 use --tw-scorer frozen (a separate "
+                         "model co-located on one stage) or --tw-scorer precomputed")
     if args.tw_scorer == "frozen" and not args.tw_scorer_load:
         raise ValueError("--tw-scorer frozen needs --tw-scorer-load <HF folder or Megatron "
                          "checkpoint>")

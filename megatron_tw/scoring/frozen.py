@@ -1,0 +1,126 @@
+"""The frozen short-context scorer: a separate model, loaded once, never trained.
+
+``--tw-scorer-load`` names a Hugging Face folder (Llama family, loaded through the same mapping as
+``tools/convert_checkpoint.py``) or a Megatron checkpoint saved by ``pretrain_tw.py``. The scorer
+has its own architecture (it may be much smaller than the trainee) but must share the trainee's
+tokenizer. It is built with the trainee's tensor-parallel group and, in the sliding mode, its
+context-parallel group; it lives outside the trainee's model list, so it is in neither the
+optimizer nor the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+
+import torch
+
+from megatron_tw.scoring.model import build_scorer_model, scorer_config
+
+# The architecture attributes a scorer takes from its own flags (everything else, e.g. the
+# parallel layout, precision and sequence length, comes from the trainee's run).
+_ARCH = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+         "group_query_attention", "num_query_groups", "kv_channels", "max_position_embeddings",
+         "position_embedding_type", "rotary_base", "rotary_percent", "normalization",
+         "norm_epsilon", "swiglu", "add_bias_linear", "add_qkv_bias", "qk_layernorm",
+         "untie_embeddings_and_output_weights", "use_rope_scaling", "rope_scaling_factor",
+         "attention_softmax_in_fp32", "num_experts", "moe_grouped_gemm")
+
+
+class ScorerError(ValueError):
+    """The scorer cannot serve this run; the message names the flag and the fix."""
+
+
+def _is_hf_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def _scorer_args(args, arch):
+    scorer = copy.copy(args)
+    for name in _ARCH:
+        if hasattr(arch, name):
+            setattr(scorer, name, getattr(arch, name))
+    return scorer
+
+
+def _trainee_vocab(args) -> int:
+    from megatron.training import get_tokenizer
+
+    return get_tokenizer().vocab_size
+
+
+def _check_vocab(path: str, scorer_vocab: int, trainee_vocab: int) -> None:
+    if scorer_vocab != trainee_vocab:
+        raise ScorerError(
+            f"--tw-scorer-load {path}: the scorer's vocabulary has {scorer_vocab} tokens, the "
+            f"trainee's tokenizer {trainee_vocab}; the scorer must use the trainee's tokenizer "
+            "(losses of different tokenizations cannot be compared token by token)")
+
+
+def _from_hf(args, path: str):
+    from megatron_tw.checkpoint.families import megatron_args_from_hf_config, padded_vocab_size
+    from megatron_tw.checkpoint.hf import load_hf_into_megatron
+    from megatron_tw.checkpoint.hf_io import read_hf_config
+    from megatron_tw.checkpoint.megatron_io import parse_model_args
+
+    hf_config = read_hf_config(path)
+    vocab = int(hf_config.vocab_size if hasattr(hf_config, "vocab_size") else hf_config["vocab_size"])
+    _check_vocab(path, vocab, _trainee_vocab(args))
+    flags = megatron_args_from_hf_config(
+        hf_config, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+    scorer_args = _scorer_args(args, parse_model_args(flags))
+    padded = padded_vocab_size(vocab, args.make_vocab_size_divisible_by,
+                               args.tensor_model_parallel_size)
+    model = _build(scorer_args, padded)
+    load_hf_into_megatron(model, path, hf_config)
+    return model
+
+
+def _from_megatron(args, path: str):
+    from megatron_tw.checkpoint.megatron_io import (
+        checkpoint_args,
+        checkpoint_data_dir,
+        load_checkpoint_into_model,
+    )
+
+    data_dir = checkpoint_data_dir(path)
+    saved = checkpoint_args(data_dir)
+    if saved is None:
+        raise ScorerError(f"--tw-scorer-load {path}: the checkpoint holds no saved arguments; "
+                          "convert HF weights with tools/convert_checkpoint.py or pass an HF folder")
+    _check_vocab(path, saved.padded_vocab_size, args.padded_vocab_size)
+    scorer_args = _scorer_args(args, saved)
+    model = _build(scorer_args, saved.padded_vocab_size)
+    load_checkpoint_into_model(model, scorer_args, data_dir)
+    return model
+
+
+def _build(scorer_args, padded_vocab: int):
+    from megatron.training.argument_utils import core_transformer_config_from_args
+
+    config = scorer_config(core_transformer_config_from_args(scorer_args),
+                           mode=scorer_args.tw_short_mode, window=scorer_args.tw_short_context)
+    return build_scorer_model(scorer_args, config, mode=scorer_args.tw_short_mode,
+                              vocab_size=padded_vocab)
+
+
+def load_frozen_scorer(args):
+    """Build the frozen scorer for this rank (eval mode, no gradients)."""
+    path = args.tw_scorer_load
+    if not os.path.exists(path):
+        raise ScorerError(f"--tw-scorer-load {path}: no such file or folder")
+    model = _from_hf(args, path) if _is_hf_folder(path) else _from_megatron(args, path)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def scorer_precision_context(args, model):
+    """FP8 autocast for the scorer's inference when ``--tw-scorer-fp8`` (Transformer Engine)."""
+    if not args.tw_scorer_fp8:
+        return contextlib.nullcontext()
+    from megatron.core.fp8_utils import get_fp8_context
+
+    return get_fp8_context(model.config)
