@@ -109,8 +109,8 @@ def architecture_of(config: Any) -> str:
     model_type = _get(config, "model_type")
     if model_type in _MODEL_TYPES:
         return _MODEL_TYPES[model_type]
-    raise ConversionError("the HF config names no 'architectures' and no known 'model_type'; "
-                          f"supported: {', '.join(FAMILIES)}")
+    raise ConversionError(f"model_type {model_type!r} (no 'architectures' in the config) is not "
+                          f"supported; supported: {', '.join(FAMILIES)}")
 
 
 def spec_from_hf_config(config: Any) -> HFModelSpec:

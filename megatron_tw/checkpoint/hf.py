@@ -111,24 +111,40 @@ def load_hf_into_megatron(model, hf: Union[str, Mapping[str, torch.Tensor]], hf_
         source = hf
     spec = _spec(hf_config)
     tp_rank, tp_size = _tp(tp_rank, tp_size)
-    for chunk in (model if isinstance(model, (list, tuple)) else [model]):
-        _load_stage(unwrap(chunk), source, spec, tp_rank, tp_size)
+    chunks = [unwrap(c) for c in (model if isinstance(model, (list, tuple)) else [model])]
+    build = MegatronFromHF(source, spec, _padded_vocab(chunks, tp_size) or spec.vocab_size)
+    loaded_layers = []
+    for chunk in chunks:
+        loaded_layers += _load_stage(chunk, build, spec, tp_rank, tp_size)
         if check_rotary:
-            _check_rotary(unwrap(chunk), spec, rotary_base)
+            _check_rotary(chunk, spec, rotary_base)
+    whole = (sorted(loaded_layers) == list(range(1, spec.num_layers + 1))
+             and any(getattr(c, "pre_process", True) for c in chunks)
+             and any(getattr(c, "post_process", True) for c in chunks))
+    unused = build.unused_hf_names() if whole else []
+    if unused:  # the model holds every layer, so every HF tensor should have found a place
+        raise ConversionError(f"HF tensors with no place in the megatron model: {unused[:5]} "
+                              "(check --add-qkv-bias / --untie-embeddings-and-output-weights against "
+                              "megatron_args_from_hf_config)")
     return spec
 
 
+def _padded_vocab(chunks, tp_size: int) -> Optional[int]:
+    for chunk in chunks:
+        for name, tensor in chunk.state_dict(keep_vars=True).items():
+            if name.endswith(("output_layer.weight", "word_embeddings.weight")):
+                return tensor.shape[0] * tp_size
+    return None
+
+
 @torch.no_grad()
-def _load_stage(model, source, spec: HFModelSpec, tp_rank: int, tp_size: int) -> None:
+def _load_stage(model, build: MegatronFromHF, spec: HFModelSpec, tp_rank: int,
+                tp_size: int) -> list[int]:
+    """Copy this stage's shards; returns the global layer numbers it holds."""
     numbers = layer_numbers(model)
     if numbers and max(numbers) > spec.num_layers:
         raise ConversionError(f"the megatron model has layer {max(numbers)}, the HF model only "
                               f"{spec.num_layers} layers (--num-layers mismatch)")
-    padded = None
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if name.endswith(("output_layer.weight", "word_embeddings.weight")):
-            padded = tensor.shape[0] * tp_size
-    build = MegatronFromHF(source, spec, padded or spec.vocab_size)
     for name, tensor in model.state_dict(keep_vars=True).items():
         if name.endswith("_extra_state"):
             continue
@@ -141,6 +157,7 @@ def _load_stage(model, source, spec: HFModelSpec, tp_rank: int, tp_size: int) ->
         shard = tp_shard(full_name, build[full_name], tp_rank, tp_size)
         check_shape(f"{name} (TP rank {tp_rank} of {tp_size})", shard, tuple(tensor.shape))
         tensor.data.copy_(shard)
+    return numbers
 
 
 def unsharded_state_dict(model) -> dict[str, torch.Tensor]:

@@ -183,7 +183,11 @@ class MegatronFromHF:
                                   f"{self.spec.architecture} (is the model built with the flags "
                                   "from megatron_args_from_hf_config?)")
         rule, layer = self.names[name]
-        tensors = [self._hf(n.format(i=layer)) for n in rule.hf]
+        tensors = []
+        for template in rule.hf:
+            hf_name = template.format(i=layer)
+            tensors.append(self._hf(hf_name))
+            check_shape(hf_name, tensors[-1], self.expected_hf_shape(hf_name))
         tensor = rule.to_megatron(self.spec, self.padded_vocab_size, *tensors)
         check_shape(name, tensor, self.expected_shape(name))
         return tensor
@@ -203,6 +207,23 @@ class MegatronFromHF:
             "self_attention.linear_proj.weight": (h, s.num_heads * s.head_dim),
             "mlp.linear_fc1.weight": (2 * s.ffn_hidden_size, h),
             "mlp.linear_fc2.weight": (h, s.ffn_hidden_size),
+        }
+        return shapes[suffix]
+
+    def expected_hf_shape(self, hf_name: str) -> tuple[int, ...]:
+        s, h = self.spec, self.spec.hidden_size
+        q_rows, kv_rows = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        suffix = hf_name.split(".", 3)[-1] if hf_name.startswith("model.layers.") else hf_name
+        shapes = {
+            "model.embed_tokens.weight": (s.vocab_size, h), "lm_head.weight": (s.vocab_size, h),
+            "model.norm.weight": (h,), "input_layernorm.weight": (h,),
+            "post_attention_layernorm.weight": (h,),
+            "self_attn.q_proj.weight": (q_rows, h), "self_attn.q_proj.bias": (q_rows,),
+            "self_attn.k_proj.weight": (kv_rows, h), "self_attn.k_proj.bias": (kv_rows,),
+            "self_attn.v_proj.weight": (kv_rows, h), "self_attn.v_proj.bias": (kv_rows,),
+            "self_attn.o_proj.weight": (h, q_rows),
+            "mlp.gate_proj.weight": (s.ffn_hidden_size, h), "mlp.up_proj.weight": (s.ffn_hidden_size, h),
+            "mlp.down_proj.weight": (h, s.ffn_hidden_size),
         }
         return shapes[suffix]
 

@@ -85,6 +85,18 @@ def _sharded_metadata(args) -> dict:
         args, dp_cp_group=parallel_state.get_data_parallel_group(with_context_parallel=True))
 
 
+def _fork_write_results_queue() -> None:
+    """dist_checkpointing's writer collects results through a multiprocessing Manager started with
+    'spawn', which re-imports the caller's ``__main__`` (a script without a main guard then fails
+    with EOFError) and takes seconds. The Manager only relays a queue: start it by fork instead."""
+    import multiprocessing
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", None) is None:
+        filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+
+
 def save_release_checkpoint(model, args, folder: str) -> str:
     """Write ``model`` as a release torch_dist checkpoint under ``folder``; returns the data dir."""
     from megatron.core import dist_checkpointing
@@ -100,6 +112,7 @@ def save_release_checkpoint(model, args, folder: str) -> str:
              "model": model.sharded_state_dict(metadata=metadata)}
     data_dir = os.path.join(folder, "release")
     os.makedirs(data_dir, exist_ok=True)
+    _fork_write_results_queue()
     dist_checkpointing.save(state, data_dir,
                             content_metadata=_clean_metadata_for_serialization(metadata))
     with open(os.path.join(folder, TRACKER), "w") as f:

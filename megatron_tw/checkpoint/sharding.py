@@ -53,8 +53,6 @@ def canonical_name(local_name: str, layer_numbers: list[int], tied_embeddings: b
         return f"decoder.layers.{layer_numbers[local] - 1}.{rest}"
     if local_name == "output_layer.weight" and tied_embeddings:
         return "embedding.word_embeddings.weight"
-    if local_name == "decoder.final_layernorm.weight":
-        return local_name
     return local_name
 
 
