@@ -62,6 +62,8 @@ def add_tw_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.set_defaults(create_attention_mask_in_dataloader=False)
     if not runtime.cuda_available():
         _cpu_defaults(parser)
+    elif not runtime.transformer_engine_available():
+        parser.set_defaults(transformer_impl="local")  # a GPU without TE still trains
     for add in ARG_GROUPS:
         parser = add(parser)
     return parser
@@ -81,6 +83,18 @@ def check_machine(args: argparse.Namespace) -> None:
         missing = "a CUDA GPU (Hopper or newer)" if not cuda else "Transformer Engine"
         raise ConfigError(f"--fp8-format {args.fp8} needs {missing}; drop --fp8-format to train "
                           "in bf16/fp32")
+    capability = runtime.device_capability() if cuda else None
+    if args.fp8 is not None and capability is not None and tuple(capability) < (8, 9):
+        raise ConfigError(f"--fp8-format {args.fp8} needs FP8 tensor cores (compute capability "
+                          f">= 8.9: Ada, Hopper or newer); this GPU is "
+                          f"{capability[0]}.{capability[1]}: train in bf16 instead")
+    if (args.fp8 is not None and args.fp8_recipe == "mxfp8" and capability is not None
+            and capability[0] < 10):
+        raise ConfigError(f"--fp8-recipe mxfp8 needs a Blackwell GPU (compute capability 10.0+); "
+                          f"this GPU is {capability[0]}.{capability[1]}: use --fp8-recipe "
+                          "tensorwise or delayed")
+    if args.fp8 is None and "--fp8-recipe" in getattr(args, "tw_given_flags", ()):
+        raise ConfigError("--fp8-recipe has no effect without --fp8-format (hybrid or e4m3)")
     if args.fp8 is not None and args.transformer_impl != "transformer_engine":
         raise ConfigError("--fp8-format needs --transformer-impl transformer_engine (FP8 GEMMs are "
                           "Transformer Engine kernels)")
@@ -142,6 +156,8 @@ def parse_and_validate_args(argv: Optional[Sequence[str]] = None,
         sys.argv = [saved[0] if saved else "pretrain_tw.py", *argv]
     try:
         args = parse_args(extra_args_provider=add_tw_args)
+        # The flags given explicitly, for checks on flags whose megatron default hides absence.
+        args.tw_given_flags = tuple(a.split("=")[0] for a in sys.argv[1:] if a.startswith("--"))
     finally:
         sys.argv = saved
 

@@ -29,6 +29,16 @@ def transformer_engine_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
+def device_capability():
+    """(major, minor) CUDA compute capability of the current device, or None without CUDA."""
+    if not cuda_available():
+        return None
+    try:
+        return torch.cuda.get_device_capability()
+    except (RuntimeError, AssertionError):  # a driver problem: let CUDA report it later
+        return None
+
+
 def default_backend() -> str:
     """torch.distributed backend for this machine: NCCL with CUDA, gloo otherwise."""
     return "nccl" if cuda_available() else "gloo"

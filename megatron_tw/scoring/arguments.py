@@ -40,6 +40,11 @@ def add_scoring_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 def validate_scoring_args(args: argparse.Namespace) -> None:
     """Checks that need only the flags; errors name the flag and the fix."""
+    if args.tw_scorer != "frozen" and (args.tw_scorer_load or args.tw_scorer_fp8):
+        raise ValueError("--tw-scorer-load/--tw-scorer-fp8 apply to --tw-scorer frozen only")
+    if args.tw_scorer_fp8 and args.transformer_impl != "transformer_engine":
+        raise ValueError("--tw-scorer-fp8 needs Transformer Engine (--transformer-impl "
+                         "transformer_engine on a GPU)")
     config = getattr(args, "tw_weighting", None)
     if config is None or not config.needs_short_loss:
         return
@@ -67,8 +72,3 @@ def validate_scoring_args(args: argparse.Namespace) -> None:
     if args.tw_scorer == "frozen" and not args.tw_scorer_load:
         raise ValueError("--tw-scorer frozen needs --tw-scorer-load <HF folder or Megatron "
                          "checkpoint>")
-    if args.tw_scorer != "frozen" and (args.tw_scorer_load or args.tw_scorer_fp8):
-        raise ValueError("--tw-scorer-load/--tw-scorer-fp8 apply to --tw-scorer frozen only")
-    if args.tw_scorer_fp8 and args.fp8 is None and args.transformer_impl != "transformer_engine":
-        raise ValueError("--tw-scorer-fp8 needs Transformer Engine (--transformer-impl "
-                         "transformer_engine on a GPU)")

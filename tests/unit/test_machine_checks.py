@@ -7,8 +7,6 @@ The machine is described to the parser through its probes (``runtime.cuda_availa
 runs the same on any machine; the flags, the parser and every check run unchanged. One case runs
 ``python pretrain_tw.py`` as a user would, on this machine as it is.
 
-Known gaps are pinned as strict xfails: when a check is added the test passes, and the marker
-must go.
 """
 
 from __future__ import annotations
@@ -155,11 +153,9 @@ def test_gpu_check_commands_parse_on_a_gpu_machine(machine, recipe):
         assert parsed.tw_weighting.is_uniform == row.endswith("uniform")
 
 
-# -- gaps: what start-up does not check yet ----------------------------------------------------
+# -- checks that megatron's own validation does not make ----------------------------------------------------
 
 @unit
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason="gap: --fp8-recipe without --fp8-format is silently "
-                   "ignored (megatron defaults the recipe to 'delayed')")
 def test_fp8_recipe_without_fp8_format_is_rejected(machine):
     from megatron_tw.arguments import ConfigError
 
@@ -169,8 +165,6 @@ def test_fp8_recipe_without_fp8_format_is_rejected(machine):
 
 
 @unit
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason="gap: --tw-scorer-fp8 is only checked when the preset "
-                   "needs short-context losses and the scorer is frozen")
 def test_scorer_fp8_without_a_frozen_scorer_is_rejected(machine):
     from megatron_tw.arguments import ConfigError
 
@@ -179,8 +173,6 @@ def test_scorer_fp8_without_a_frozen_scorer_is_rejected(machine):
 
 
 @unit
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason="gap: FP8 on a GPU older than Ada/Hopper (compute "
-                   "capability < 8.9) fails inside Transformer Engine at the first step")
 def test_fp8_on_an_ampere_gpu_is_rejected(machine):
     from megatron_tw.arguments import ConfigError
 
@@ -190,8 +182,6 @@ def test_fp8_on_an_ampere_gpu_is_rejected(machine):
 
 
 @unit
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason="gap: --fp8-recipe mxfp8 needs a Blackwell GPU (compute "
-                   "capability 10.x); on Hopper Transformer Engine fails at the first step")
 def test_mxfp8_on_hopper_is_rejected(machine):
     from megatron_tw.arguments import ConfigError
 
