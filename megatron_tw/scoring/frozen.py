@@ -12,20 +12,33 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 
 import torch
 
 from megatron_tw.scoring.model import build_scorer_model, scorer_config
 
-# The architecture attributes a scorer takes from its own flags (everything else, e.g. the
-# parallel layout, precision and sequence length, comes from the trainee's run).
-_ARCH = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-         "group_query_attention", "num_query_groups", "kv_channels", "max_position_embeddings",
-         "position_embedding_type", "rotary_base", "rotary_percent", "normalization",
-         "norm_epsilon", "swiglu", "add_bias_linear", "add_qkv_bias", "qk_layernorm",
-         "untie_embeddings_and_output_weights", "use_rope_scaling", "rope_scaling_factor",
-         "attention_softmax_in_fp32", "num_experts", "moe_grouped_gemm")
+
+def _architecture_fields() -> set[str]:
+    """Argument names that describe a model's architecture: TransformerConfig's own fields (not
+    the parallel/precision fields it inherits from ModelParallelConfig), minus run settings, plus
+    the GPTModel-level flags. A scorer takes these from its own checkpoint or HF config; the
+    parallel layout, precision and sequence length come from the trainee's run."""
+    from megatron.core.model_parallel_config import ModelParallelConfig
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    own = {f.name for f in dataclasses.fields(TransformerConfig)}
+    own -= {f.name for f in dataclasses.fields(ModelParallelConfig)}
+    run = {"hidden_dropout", "attention_dropout", "window_size", "init_method_std",
+           "apply_rope_fusion", "masked_softmax_fusion", "persist_layer_norm",
+           "bias_dropout_fusion", "bias_activation_fusion", "memory_efficient_layer_norm"}
+    own = {n for n in own if n not in run and not n.startswith(("fp8", "fp4", "recompute",
+                                                                   "cuda_graph", "cpu_offloading"))}
+    return own | {"position_embedding_type", "rotary_base", "rotary_percent", "use_rope_scaling",
+                  "rope_scaling_factor", "untie_embeddings_and_output_weights",
+                  "max_position_embeddings", "swiglu", "group_query_attention", "norm_epsilon",
+                  "layernorm_epsilon", "add_qkv_bias", "add_bias_linear"}
 
 
 class ScorerError(ValueError):
@@ -38,7 +51,7 @@ def _is_hf_folder(path: str) -> bool:
 
 def _scorer_args(args, arch):
     scorer = copy.copy(args)
-    for name in _ARCH:
+    for name in _architecture_fields():
         if hasattr(arch, name):
             setattr(scorer, name, getattr(arch, name))
     return scorer
