@@ -106,6 +106,10 @@ def save_release_checkpoint(model, args, folder: str) -> str:
     args.no_save_rng = True
     args.ckpt_format = "torch_dist"
     args.iteration = 0
+    # The conversion parses with a placeholder tokenizer; record the real padded vocabulary (read by
+    # --use-checkpoint-args and the frozen scorer) and no tokenizer, so none is forced on a run.
+    args.padded_vocab_size = model.embedding.word_embeddings.weight.shape[0]
+    args.tokenizer_type = args.tokenizer_model = args.vocab_size = None
     metadata = _sharded_metadata(args)
     state = {"args": args, "checkpoint_version": 3.0, "iteration": 0,
              "num_floating_point_operations_so_far": 0,

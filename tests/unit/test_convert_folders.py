@@ -62,6 +62,11 @@ def test_hf_to_megatron_to_hf(hf_dir, tmp_path, sentencepiece_model, capsys):
     assert " ".join(want_flags) in printed and (meg / "megatron_args.txt").read_text().split() == want_flags
     assert info["padded_vocab_size"] == 128 and info["compatible_tensor_parallel_sizes"] == [1, 2, 4]
     assert (meg / "latest_checkpointed_iteration.txt").read_text() == "release"
+    from megatron_tw.checkpoint.megatron_io import checkpoint_args
+
+    saved = checkpoint_args(str(meg / "release"))  # what --use-checkpoint-args / the scorer read
+    assert saved.padded_vocab_size == 128 and saved.tokenizer_type is None
+    assert (saved.num_layers, saved.num_query_groups, saved.rotary_base) == (2, 2, 10000)
 
     assert cli.main(["--direction", "megatron-to-hf", "--load", str(meg), "--out", str(back)]) == 0
     from safetensors.torch import load_file
