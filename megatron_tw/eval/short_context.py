@@ -8,7 +8,7 @@ and the last one is the target, so a target sees at most W - 1 tokens of context
              ``--tw-short-mode sliding``). One window per target: cost (T - W) x W tokens.
     windows  the reference code: windows of W tokens every S tokens, each keeping its last S
              targets, so a target sees W - S .. W - 1 tokens (``--tw-short-mode windows``).
-             Needs (T - W) divisible by S. Cost T / S x W tokens.
+             Needs 1 <= S < W and (T - W) divisible by S. Cost T / S x W tokens.
 
 Targets i < W have at most i <= W - 1 tokens before them: their short context is their whole
 context, so the short log-probability equals the long one there (d = 0), as in the trainer.
@@ -54,10 +54,11 @@ def short_context_logprobs(backend, ids: torch.Tensor, window: int, mode: str = 
         rest = _run_windows(backend, windows, batch, 1)[:, 0]
     elif mode == "windows":
         stride = stride if stride is not None else max(1, window // 2)
-        if not 1 <= stride <= window or (T - window) % stride != 0:
-            raise ValueError(f"--tw-short-mode windows: stride S={stride} must be in [1, W={window}]"
-                             f" and (T - W) = {T - window} divisible by S; pick a sequence "
-                             "length that tiles")
+        # S = W would leave each window's first target with no context at all.
+        if not 1 <= stride < window or (T - window) % stride != 0:
+            raise ValueError(f"windows mode: stride S={stride} must be in [1, W={window}) and "
+                             f"(T - W) = {T - window} divisible by S; pick a sequence length "
+                             "that tiles")
         # window j = ids[jS : jS + W] keeps its last S targets: jS + W - S .. jS + W - 1
         windows = ids.unfold(0, window, stride)[1:]
         rest = _run_windows(backend, windows, batch, stride).reshape(-1)
