@@ -195,12 +195,13 @@ def plot_needle_heatmap(grid: dict, path: str, title: Optional[str] = None) -> s
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(grid["depths"]),
                                     1.4 + 0.6 * len(grid["lengths"])))
-    im = ax.imshow(grid["scores"], cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+    values = [[float("nan") if s is None else s for s in row] for row in grid["scores"]]
+    im = ax.imshow(values, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
     ax.set_xticks(range(len(grid["depths"])), [f"{d:g}%" for d in grid["depths"]])
     ax.set_yticks(range(len(grid["lengths"])), [str(L) for L in grid["lengths"]])
     for i, row in enumerate(grid["scores"]):
         for j, s in enumerate(row):
-            ax.text(j, i, f"{s:.0f}", ha="center", va="center", fontsize=9)
+            ax.text(j, i, "-" if s is None else f"{s:.0f}", ha="center", va="center", fontsize=9)
     ax.set_xlabel("needle depth")
     ax.set_ylabel("context length (tokens)")
     ax.set_title(title or f"{grid['task']}: string_match_all")

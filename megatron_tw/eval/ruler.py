@@ -69,22 +69,29 @@ def needle_grid(backend, tokenizer, task: str, lengths: Sequence[int], depths: S
                 log: Callable[[str], None] = print) -> dict:
     """Single-needle retrieval score for every (length, depth): the needle heatmap's data.
 
-    Returns {"task", "lengths", "depths", "scores": [[score at depths[j] for j] for lengths]}.
+    Returns {"task", "lengths", "depths", "scores": [[score at depths[j] for j] for lengths],
+    "errors"}; a length too short for the task has a row of None and its message in "errors".
     """
-    scores = []
+    scores, errors = [], {}
     for length in lengths:
         row = []
-        for depth in depths:
-            preds, refs = [], []
-            for i in range(samples):
-                sample = generate_sample(task, tokenizer, length, seed=seed, index=i, depth=depth,
-                                         max_new_tokens=max_new_tokens,
-                                         essay_source=essay_source)
-                preds.append(_decode_sample(backend, tokenizer, sample))
-                refs.append(sample.answers)
-            row.append(string_match_all(preds, refs))
-        log(f"  {task} grid @ {length}: " + " ".join(f"{d:g}%={s:.0f}" for d, s in
-                                                     zip(depths, row)))
+        try:
+            for depth in depths:
+                preds, refs = [], []
+                for i in range(samples):
+                    sample = generate_sample(task, tokenizer, length, seed=seed, index=i,
+                                             depth=depth, max_new_tokens=max_new_tokens,
+                                             essay_source=essay_source)
+                    preds.append(_decode_sample(backend, tokenizer, sample))
+                    refs.append(sample.answers)
+                row.append(string_match_all(preds, refs))
+        except ValueError as err:  # the length cannot hold this task: an empty row
+            errors[str(length)] = str(err)
+            row = [None] * len(depths)
+            log(f"  {task} grid @ {length}: skipped ({err})")
+        else:
+            log(f"  {task} grid @ {length}: " + " ".join(f"{d:g}%={s:.0f}" for d, s in
+                                                         zip(depths, row)))
         scores.append(row)
     return {"task": task, "lengths": list(lengths), "depths": list(depths), "samples": samples,
-            "scores": scores}
+            "scores": scores, "errors": errors}
