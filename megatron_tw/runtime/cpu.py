@@ -14,8 +14,12 @@ optimizer, distributed data parallel, checkpointing) with gloo instead of NCCL.
 from __future__ import annotations
 
 import functools
+import importlib.abc
+import importlib.machinery
 import logging
 import os
+import sys
+import types
 from typing import Any, Callable
 
 import torch
@@ -62,12 +66,61 @@ _FACTORIES = (
 )
 
 
+class _MegatronTorch(types.ModuleType):
+    """What the name ``torch`` means inside megatron's modules on a CPU machine: the real torch,
+    except that its tensor factories create on the CPU what megatron asks to create on a GPU.
+
+    Scoped to megatron on purpose: replacing ``torch.zeros`` & co. process-wide changes how
+    other libraries behave (transformers' meta-device initialisation then leaves RoPE buffers
+    uninitialised), so only megatron's own lookups of ``torch.<factory>`` are redirected.
+    """
+
+    def __init__(self):
+        super().__init__("torch")
+        for name in _FACTORIES:
+            setattr(self, name, _redirect_device_kwarg(getattr(torch, name)))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+_MEGATRON_TORCH = None
+
+
+def _patch_module(module) -> None:
+    if getattr(module, "torch", None) is torch:
+        module.torch = _MEGATRON_TORCH
+
+
+class _PatchMegatronOnImport(importlib.abc.MetaPathFinder):
+    """Gives megatron modules imported later (megatron imports lazily) the same ``torch``."""
+
+    def find_spec(self, fullname, path, target=None):
+        if not fullname.startswith("megatron."):
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_patch(module, _exec=exec_module):
+            _exec(module)
+            _patch_module(module)
+
+        spec.loader.exec_module = exec_and_patch
+        return spec
+
+
 @_measure("megatron creates tensors with device='cuda' or device=torch.cuda.current_device(), "
           "some pinned (pipeline schedules, optimizer, RoPE CP slicing, pretrain start-up): "
-          "create them on the CPU, unpinned")
+          "inside megatron's modules, create them on the CPU, unpinned")
 def factory_device_redirect() -> None:
-    for name in _FACTORIES:
-        setattr(torch, name, _redirect_device_kwarg(getattr(torch, name)))
+    global _MEGATRON_TORCH
+    _MEGATRON_TORCH = _MegatronTorch()
+    for name, module in list(sys.modules.items()):
+        if name == "megatron" or name.startswith("megatron."):
+            _patch_module(module)
+    sys.meta_path.insert(0, _PatchMegatronOnImport())
 
 
 @_measure("Tensor.cuda()/Module.cuda() and Tensor.to('cuda'|int) move data to the GPU: keep it on the CPU")
