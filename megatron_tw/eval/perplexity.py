@@ -165,7 +165,7 @@ def long_ppl(backend, sequences: torch.Tensor, window: int, *, scorer=None, mode
     key_loss = float(nll[mask].mean()) if n_key else float("nan")
     other_loss = float(nll[~mask].mean()) if n_key < mask.numel() else float("nan")
     gain = (scorer_long - scorer_short).double()
-    beyond = gain[:, window - 1:]  # targets with more context than the short window allows
+    beyond = gain[:, window:]  # targets i > W: more context than the short window allows
     return {"window": window, "mode": mode, "key_tokens": n_key,
             "key_fraction": n_key / mask.numel(),
             "long_ppl": math.exp(key_loss) if n_key else float("nan"),

@@ -62,27 +62,29 @@ def tokens(n: int, seed: int = 3) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("window", [2, 5, 16])
+@pytest.mark.parametrize("window", [1, 5, 16])
 def test_sliding_short_context_is_each_targets_own_window(model, ref64, window):
+    """Target i is predicted from exactly ids[i - W : i] (W tokens, as --tw-short-context W)."""
     ids = tokens(40)
     got = short_context_logprobs(HFBackend(model, batch_size=4), ids, window, "sliding", batch=7)
-    ref = torch.tensor([ref_logprob(ref64, ids[max(0, i - window + 1):i], int(ids[i]))
+    ref = torch.tensor([ref_logprob(ref64, ids[max(0, i - window):i], int(ids[i]))
                         for i in range(1, 40)], dtype=torch.float64)
     torch.testing.assert_close(got.double(), ref, rtol=0, atol=2e-5)
+    torch.testing.assert_close(got[:window], HFBackend(model).logprobs(ids)[:window])
 
 
-@pytest.mark.parametrize("window,stride", [(8, 4), (8, 7), (9, 3)])
+@pytest.mark.parametrize("window,stride", [(8, 4), (8, 8), (9, 3)])
 def test_strided_windows_keep_each_windows_last_stride_targets(model, ref64, window, stride):
-    T = window + 5 * stride
+    T = 1 + window + 5 * stride  # megatron's seq_length T - 1 = W + 5 S
     ids = tokens(T)
     got = short_context_logprobs(HFBackend(model), ids, window, "windows", stride)
     ref, contexts = [], []
     for i in range(1, T):
-        # the reference code: window j covers [jS, jS + W) and scores its last S targets
-        start = 0 if i < window else ((i - window) // stride + 1) * stride
+        # the reference code: window j holds inputs [jS, jS + W) and scores its last S labels
+        start = 0 if i <= window else ((i - window - 1) // stride + 1) * stride
         contexts.append(i - start)
         ref.append(ref_logprob(ref64, ids[start:i], int(ids[i])))
-    assert min(contexts[window - 1:]) == window - stride and max(contexts) == window - 1
+    assert min(contexts[window:]) == window - stride + 1 and max(contexts) == window
     torch.testing.assert_close(got.double(), torch.tensor(ref, dtype=torch.float64), rtol=0,
                                atol=2e-5)
 
@@ -90,8 +92,8 @@ def test_strided_windows_keep_each_windows_last_stride_targets(model, ref64, win
 def test_strided_windows_must_tile(model):
     with pytest.raises(ValueError, match="divisible"):
         short_context_logprobs(HFBackend(model), tokens(30), 8, "windows", 5)
-    with pytest.raises(ValueError, match=r"\[1, W=8\)"):  # no target without context
-        short_context_logprobs(HFBackend(model), tokens(32), 8, "windows", 8)
+    with pytest.raises(ValueError, match=r"\[1, W=8\]"):
+        short_context_logprobs(HFBackend(model), tokens(33), 8, "windows", 9)
 
 
 def test_loss_by_position_and_context_lengths(model, ref64):
@@ -131,7 +133,7 @@ def test_long_ppl(model, ref64, other_scorer):
                        scorer=HFBackend(tiny_llama(5)) if other_scorer else None)
     model_lp = ref_sequence_logprobs(ref64, seqs)
     s_long = ref_sequence_logprobs(scorer64, seqs)
-    s_short = torch.tensor([[ref_logprob(scorer64, seq[max(0, i - W + 1):i], int(seq[i]))
+    s_short = torch.tensor([[ref_logprob(scorer64, seq[max(0, i - W):i], int(seq[i]))
                              for i in range(1, 48)] for seq in seqs], dtype=torch.float64)
     mask, want = _ref_long_ppl(model_lp, s_long, s_short)
     assert got["key_tokens"] == int(mask.sum()) > 0, "the fixture should produce key tokens"

@@ -125,7 +125,7 @@ def test_model_scores_and_token_strings(tmp_path):
     assert data["short_loss"] == pytest.approx(short.tolist(), abs=1e-5)
     assert data["weights"] == pytest.approx(torch.exp(short - long).clamp(max=5).tolist(),
                                             abs=1e-5)
-    assert data["weights"][:6] == pytest.approx([1.0] * 6)  # within the short window: d = 0
+    assert data["weights"][:8] == pytest.approx([1.0] * 8)  # within the short window: d = 0
 
 
 def token_strings_joined(tok, ids):
