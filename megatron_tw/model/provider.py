@@ -39,6 +39,7 @@ def build_gpt_model(args: Namespace, config: TransformerConfig, *, pre_process: 
         rotary_percent=args.rotary_percent,
         rotary_base=args.rotary_base,
         rope_scaling=args.use_rope_scaling,
+        rope_scaling_factor=args.rope_scaling_factor,
         pg_collection=pg_collection,
         vp_stage=vp_stage,
     )
