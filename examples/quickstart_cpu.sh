@@ -67,11 +67,13 @@ echo "== 2/4 corpus, tokenizer, preprocessing -> $DATA"
 echo "== 3/4 token-weighted training ($NPROC processes, context parallel) -> $OUT"
 export OMP_NUM_THREADS=1
 rm -rf "$OUT/checkpoint" "$OUT/tensorboard"
-"${LAUNCH[@]}" 2>&1 | tee "$OUT.train.log" | grep -E "iteration +[0-9]+/|validation loss|error|Error" || true
+mkdir -p "$OUT"
+"${LAUNCH[@]}" 2>&1 | tee "$OUT/train.log" \
+    | grep --line-buffered -E "iteration +[0-9]+/|validation loss|error:|Error" || true
 test "${PIPESTATUS[0]}" -eq 0
 echo "== 4/4 evaluation of $OUT/checkpoint on the held-out novel"
 .venv/bin/python tools/evaluate.py --model "$OUT/checkpoint" --model-type megatron \
     --tokenizer "$DATA/tokenizer/tokenizer.model" --heldout "$DATA/heldout.jsonl" \
     --ppl-length $SEQ --short-ppl-length 128 --longppl-window 128 --out "$OUT/eval" \
     --tasks none
-echo "done: training log $OUT.train.log, TensorBoard $OUT/tensorboard, evaluation $OUT/eval"
+echo "done: training log $OUT/train.log, TensorBoard $OUT/tensorboard, evaluation $OUT/eval"
