@@ -2,7 +2,9 @@
 
 Megatron's own GPTDataset (packed documents, ``--data-path``/``--split``; ``--mock-data`` for
 synthetic tokens) is the default. Every sample additionally carries ``sample_id``, its index in
-the dataset, which the weighting uses as a layout-independent tie-break key.
+the dataset, which the weighting uses as a layout-independent tie-break key, and, with
+``--tw-scorer precomputed``, ``short_loss`` read from the sidecar by the same index
+(megatron_tw/scoring/precomputed.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.training import get_args, get_tokenizer, print_rank_0
 from megatron.training.utils import get_blend_and_blend_per_split, is_first_or_last_pipeline_stage
+
+# Also registers the ``short_loss`` batch key (read from the sidecar with --tw-scorer precomputed).
+from megatron_tw.scoring.precomputed import SidecarError, attach_short_losses, uses_precomputed
 
 
 class WithSampleId(torch.utils.data.Dataset):
@@ -101,6 +106,13 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage: Opt
     kind = dataset_kind(args)
     print_rank_0(f"> building train, validation, and test datasets ({kind}) ...")
     datasets = DATASET_BUILDERS[kind](args, train_val_test_num_samples, vp_stage)
+    if uses_precomputed(args):
+        try:
+            datasets = attach_short_losses(args, datasets, train_val_test_num_samples)
+        except SidecarError as err:
+            # The message is the whole story (file, cause, fix); a traceback through megatron's
+            # data-loader set-up would only bury it. Raised before any training step.
+            raise SystemExit(f"pretrain_tw.py: error: {err}") from None
     print_rank_0("> finished creating datasets ...")
     return tuple(WithSampleId(ds) if ds is not None else None for ds in datasets)
 

@@ -72,3 +72,8 @@ def validate_scoring_args(args: argparse.Namespace) -> None:
     if args.tw_scorer == "frozen" and not args.tw_scorer_load:
         raise ValueError("--tw-scorer frozen needs --tw-scorer-load <HF folder or Megatron "
                          "checkpoint>")
+    if args.tw_scorer == "precomputed":
+        # The sidecar's location must be derivable, and W/mode/stride not given here come from it.
+        from megatron_tw.scoring.precomputed import check_precomputed_args
+
+        check_precomputed_args(args)
