@@ -37,7 +37,9 @@ _LAYOUT_FLAGS = {"--sequence-parallel": 0, "--num-layers-per-virtual-pipeline-st
 def tool_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tools/score_data.py", allow_abbrev=False, add_help=False,
-        description="Everything not listed here is a training flag (megatron + --tw-*).")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__ + "\nThe options below are the tool's own; every other flag is a "
+                              "training flag (megatron + --tw-*).")
     parser.add_argument("--score-chunk-rows", type=int, default=256,
                         help="samples per shard: the unit of resumption (default 256)")
     parser.add_argument("--score-batch-size", type=int, default=None,
@@ -99,6 +101,10 @@ def parse(argv: list[str]):
     from megatron_tw.scoring.arguments import validate_scoring_args
 
     tool, rest = tool_parser().parse_known_args(argv)
+    unknown = set(tool.score_splits.split(",")) - {"train", "valid", "test"}
+    if unknown:
+        raise ConfigError(f"--score-splits {tool.score_splits}: unknown split(s) "
+                          f"{sorted(unknown)}; choose from train, valid, test")
     if "--tw-scorer-load" not in {a.split("=", 1)[0] for a in rest}:
         raise ConfigError("give --tw-scorer-load <HF folder or Megatron checkpoint>: the frozen "
                           "scorer whose short-context losses to precompute")

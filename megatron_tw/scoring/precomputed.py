@@ -103,6 +103,11 @@ def path_identity(path: str) -> dict:
     return files
 
 
+def _is_tokenizer_file(name: str) -> bool:
+    return (name.startswith(("tokenizer", "vocab", "merges", "special_tokens", "added_tokens"))
+            or name.endswith((".model", ".tiktoken")))
+
+
 def data_identity(prefix: str) -> dict:
     return {"idx": file_identity(f"{prefix}.idx"), "bin": file_identity(f"{prefix}.bin")}
 
@@ -158,8 +163,11 @@ def tokenizer_fingerprint(args) -> dict:
     files = {}
     for flag in ("tokenizer_model", "vocab_file", "merge_file"):
         path = getattr(args, flag, None)
-        if path and os.path.exists(path):
-            files[flag] = path_identity(path)
+        if path and os.path.isfile(path):
+            files[flag] = file_identity(path)
+        elif path and os.path.isdir(path):  # an HF tokenizer folder, maybe inside a checkpoint
+            files[flag] = {name: file_identity(os.path.join(path, name))
+                           for name in sorted(os.listdir(path)) if _is_tokenizer_file(name)}
     # The padded vocabulary decides the softmax the scorer's losses come from (padded rows of an
     # imported HF scorer are zero logits), so the trainee's padding is part of the identity.
     return {"type": args.tokenizer_type, "vocab_size": tokenizer.vocab_size,
@@ -205,12 +213,12 @@ def fingerprint_differences(stored: dict, current: dict) -> list[str]:
 
 
 _HINTS = {
-    "dataset": "the samples differ (--data-path, --split, --seq-length, --seed, or the sample "
-               "count: --train-iters x --global-batch-size, --eval-iters, --eval-interval)",
-    "tokenizer": "the tokenizer differs (--tokenizer-*, --vocab-size, or the vocabulary padding: "
-                 "--make-vocab-size-divisible-by x --tensor-model-parallel-size)",
-    "short_context": "the short context differs (--tw-short-context, --tw-short-mode, "
-                     "--tw-short-stride)",
+    "dataset": "the samples differ: --data-path, --split, --seq-length, --seed, or the sample "
+               "count (--train-iters x --global-batch-size, --eval-iters, --eval-interval)",
+    "tokenizer": "the tokenizer differs: --tokenizer-*, --vocab-size, or the vocabulary padding "
+                 "(--make-vocab-size-divisible-by x --tensor-model-parallel-size)",
+    "short_context": "the short context differs: --tw-short-context, --tw-short-mode, "
+                     "--tw-short-stride",
 }
 
 
@@ -314,12 +322,13 @@ def open_sidecar(prefix: str, split: str, *, fingerprint: dict, rows: int,
     record = read_record(paths["json"])
     differences = fingerprint_differences(record.get("fingerprint", {}), fingerprint)
     if differences:
-        hints = sorted({_HINTS[d.split(".")[0]] for d in differences if d.split(".")[0] in _HINTS})
+        hints = "; ".join(sorted({_HINTS[d.split(".")[0]] for d in differences
+                                  if d.split(".")[0] in _HINTS}))
         raise SidecarError(
             f"{paths['json']}: the sidecar was scored for other samples or settings than this "
             "run's; differing fields:\n  " + "\n  ".join(differences[:8])
-            + ("\n  ..." if len(differences) > 8 else "") + "\n(" + "; ".join(hints)
-            + "): rescore with tools/score_data.py and this run's flags")
+            + ("\n  ..." if len(differences) > 8 else "") + "\n" + hints[:1].upper() + hints[1:]
+            + ".\nRescore with tools/score_data.py and this run's flags.")
     n = read_index(paths["idx"], seq_length)
     size = os.path.getsize(paths["bin"])
     if size != n * seq_length * 4:
@@ -366,6 +375,9 @@ def attach_short_losses(args, datasets, num_samples) -> tuple:
     counts = list(num_samples) if num_samples is not None else [None] * 3
     wrapped = []
     for split, dataset, count in zip(SPLITS, datasets, counts):
+        if isinstance(dataset, (list, tuple)):
+            raise SidecarError("--multiple-validation-sets cannot read precomputed short-context "
+                               "losses (one sidecar per split); drop it or use --tw-scorer frozen")
         rows = 0 if dataset is None else rows_needed(args, dataset, count)
         if rows == 0:
             wrapped.append(dataset)

@@ -195,7 +195,7 @@ def test_fingerprint_mismatch_names_the_field(good, section, field, value, hint)
         open_good(good, fingerprint=current)
     message = str(err.value)
     assert f"{section}.{field}: sidecar {stored!r}, this run {value!r}" in message
-    assert hint in message and "rescore" in message
+    assert hint in message and "Rescore with tools/score_data.py" in message
     assert message.count("sidecar ") == 1 + 1  # one differing field (and the opening sentence)
 
 
