@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from megatron.core import tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
@@ -121,16 +122,29 @@ class ContextParallelDotProductAttention(MegatronModule):
             q_pos = torch.arange(sq, device=query.device)
         k_pos = torch.arange(key.shape[0], device=query.device)
 
-        if self.heads > self.groups:  # grouped-query attention: share each K/V head
-            key = key.repeat_interleave(self.heads // self.groups, dim=2)
-            value = value.repeat_interleave(self.heads // self.groups, dim=2)
+        # grouped-query attention: SDPA shares each K/V head without expanding it (enable_gqa)
+        gqa = self.heads > self.groups
         # [s, b, n, h] -> [b, n, s, h]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         dropout = self.dropout_p if self.training else 0.0
-        plain_causal = cp == 1 and self.window is None
         with tensor_parallel.get_cuda_rng_tracker().fork():
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=None if plain_causal else self._mask(q_pos, k_pos),
-                dropout_p=dropout, is_causal=plain_causal, scale=self.softmax_scale)
+            if self.window is not None:  # sliding window (scoring): an explicit mask
+                out = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=self._mask(q_pos, k_pos), dropout_p=dropout,
+                    scale=self.softmax_scale, enable_gqa=gqa)
+            elif cp == 1:
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
+                                                     scale=self.softmax_scale, enable_gqa=gqa)
+            else:  # each local chunk attends to the keys up to its end, causal lower-right:
+                # no [s/CP, s] mask is materialised (nor saved for the backward pass)
+                chunk = sq // 2
+                outs = []
+                for i in range(2):
+                    end = int(q_pos[i * chunk + chunk - 1]) + 1
+                    outs.append(F.scaled_dot_product_attention(
+                        q[:, :, i * chunk:(i + 1) * chunk], k[:, :, :end], v[:, :, :end],
+                        attn_mask=causal_lower_right(chunk, end), dropout_p=dropout,
+                        scale=self.softmax_scale, enable_gqa=gqa))
+                out = torch.cat(outs, dim=2)
         # [b, n, sq, h] -> [sq, b, n * h]
         return out.permute(2, 0, 1, 3).reshape(sq, out.shape[0], -1)
