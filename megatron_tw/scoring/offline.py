@@ -44,7 +44,8 @@ ScoreFn = Callable[[list], torch.Tensor]
 def record_hash(record: dict) -> str:
     """Hash of what the rows depend on (fingerprint, scorer, rows), not of provenance."""
     key = {k: record[k] for k in ("fingerprint", "scorer", "rows", "seq_length")}
-    return hashlib.md5(json.dumps(key, sort_keys=True).encode(), usedforsecurity=False).hexdigest()[:12]
+    text = json.dumps(key, sort_keys=True).encode()
+    return hashlib.md5(text, usedforsecurity=False).hexdigest()[:12]
 
 
 def chunk_ranges(rows: int, chunk_rows: int) -> list[tuple[int, int]]:

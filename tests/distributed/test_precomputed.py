@@ -6,7 +6,14 @@ scorer (sliding mode: the online pass is sharded over CP, the offline one runs o
 import pytest
 
 from tests.e2e.test_score_data import tiny_hf_scorer
-from tests.launch import TINY_MODEL, TINY_TRAINING, assert_same_run, torchrun, train, write_random_corpus
+from tests.launch import (
+    TINY_MODEL,
+    TINY_TRAINING,
+    assert_same_run,
+    torchrun,
+    train,
+    write_random_corpus,
+)
 
 pytestmark = pytest.mark.distributed
 

@@ -49,7 +49,7 @@ def tiny_hf_scorer(path, seed: int = 0, max_positions: int = 128) -> str:
 def run_flags(data: str) -> list[str]:
     from tests.launch import TINY_MODEL, TINY_TRAINING
 
-    model = [a for a in TINY_MODEL]
+    model = list(TINY_MODEL)
     training = [a for a in TINY_TRAINING if a != "--mock-data"]
     i = training.index("--eval-iters")
     training[i + 1] = "1"  # one validation batch at iteration 2: the valid split is read too
@@ -80,8 +80,9 @@ def test_sidecar_rows_equal_float64_reference(setup):
     flags = setup["flags"] + ["--tw-scorer", "precomputed"]
     from tests.launch import env
 
-    ref = subprocess.run([sys.executable, __file__, "reference", setup["scorer"], json.dumps(flags)],
-                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
+    ref = subprocess.run([sys.executable, __file__, "reference", setup["scorer"],
+                          json.dumps(flags)], cwd=ROOT, env=env(), capture_output=True,
+                         text=True, timeout=240)
     assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
     result = json.loads(ref.stdout.strip().splitlines()[-1])
     print(result)
