@@ -138,6 +138,7 @@ def _register_project_groups() -> None:
     # Order matters: the scorer checks read the weighting config.
     for check in (weighting, validate_scoring_args, validate_data_args):
         register_arg_check(check)
+    import megatron_tw.reliability_args  # noqa: F401  (--tw-nonfinite*; checkpoint/tokenizer checks)
 
 
 _register_project_groups()

@@ -5,6 +5,9 @@ micro-batches and over the data-parallel x context-parallel ranks and divides on
 (``--calculate-per-token-loss``), so the optimised quantity is
 ``sum_i w_i * mask_i * L_long[i] / sum_i mask_i`` over the global batch (METHOD.md).
 With weights ``None`` (the uniform preset) it is exactly the stock pretrain_gpt loss.
+
+Every micro-batch's per-token losses, weights and loss sum are checked for NaN/Inf, and its token
+count is recorded for the optimizer-step guard (megatron_tw/reliability.py, ``--tw-nonfinite``).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_tw.reliability import check_finite
+from megatron_tw.reliability import check_finite, count_loss_tokens
 
 # Builds (weights [b, s_local] or None, report dict) from the long-context losses of one micro-batch.
 WeightFn = Callable[[torch.Tensor], tuple[Optional[torch.Tensor], dict[str, torch.Tensor]]]
@@ -36,16 +39,22 @@ def token_weighted_loss(loss_mask: torch.Tensor, weight_fn: Optional[WeightFn],
     """
     losses = output_tensor.float()
     mask = loss_mask.float()
+    # The trainee's own losses first: when they are not finite, everything derived from them
+    # (self-scored short losses, weights) is not either, and the report should name the source.
+    finite = check_finite("loss", losses.detach()[loss_mask.detach() != 0])
     lm_loss = torch.sum(losses.view(-1) * mask.view(-1))
     num_tokens = mask.sum().clone().detach().to(torch.int)
+    count_loss_tokens(num_tokens)
     report = {"lm loss": torch.cat([lm_loss.clone().detach().view(1), num_tokens.view(1)])}
     loss = lm_loss
     if weight_fn is not None:
         weights, stats = weight_fn(losses.detach())
         if weights is not None:
-            check_finite("token weights", weights)
+            # Only tokens in the loss count (compute_token_weights gives the others weight 0).
+            finite &= check_finite("token weights", weights.detach()[loss_mask.detach() != 0])
             loss = torch.sum(losses.view(-1) * weights.view(-1) * mask.view(-1))
             report["weighted loss"] = torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])
         report.update(stats)
-    check_finite("loss", loss)
+    if finite:  # a sum of finite terms can still overflow
+        check_finite("loss", loss.detach())
     return loss, num_tokens, report
