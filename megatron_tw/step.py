@@ -16,7 +16,7 @@ from megatron.training.utils import is_first_or_last_pipeline_stage
 
 from megatron_tw.data.batch import active_keys, get_batch
 from megatron_tw.loss import token_weighted_loss
-from megatron_tw.token_weights import build_weight_fn, full_rows_needed
+from megatron_tw.token_weights import build_weight_fn, full_rows_needed, score_for_other_stage
 
 
 def _batch_for_this_rank(data_iterator, vp_stage):
@@ -48,5 +48,8 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
         return model(None, None, None), partial(token_weighted_loss, None, None)
     output_tensor = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
                           loss_mask=batch["loss_mask"])
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage):
+        score_for_other_stage(args, batch, model)  # the first stage may hold the frozen scorer
+        return output_tensor, partial(token_weighted_loss, batch["loss_mask"], None)
     weight_fn = build_weight_fn(args, batch, model)
     return output_tensor, partial(token_weighted_loss, batch["loss_mask"], weight_fn)

@@ -33,15 +33,35 @@ def _cp_group():
     return group if parallel_state.get_context_parallel_world_size() > 1 else None
 
 
+def score_for_other_stage(args, batch, model) -> None:
+    """On a pipeline stage that holds the frozen scorer but not the loss: score this micro-batch
+    and send the losses to the last stage (see megatron_tw/scoring/pipeline.py)."""
+    if not needs_scorer(args):
+        return
+    from megatron_tw.scoring import pipeline
+
+    if pipeline.remote_scoring(args) and pipeline.is_scorer_stage(args):
+        from megatron_tw.scoring.scorers import get_scorer
+
+        pipeline.send_short_losses(*get_scorer(args).short_losses(batch, model))
+
+
 def build_weight_fn(args, batch, model):
+    """On the last pipeline stage: this micro-batch's weighting hook for the loss function."""
     config = getattr(args, "tw_weighting", None)
     if config is None or config.is_uniform:
         return None
     short, same_as_long = None, None
     if config.needs_short_loss:
-        from megatron_tw.scoring.scorers import get_scorer
+        from megatron_tw.scoring import pipeline
 
-        short, same_as_long = get_scorer(args).short_losses(batch, model)
+        if pipeline.remote_scoring(args):
+            short, same_as_long = pipeline.recv_short_losses(batch["loss_mask"].shape,
+                                                             batch["loss_mask"].device)
+        else:
+            from megatron_tw.scoring.scorers import get_scorer
+
+            short, same_as_long = get_scorer(args).short_losses(batch, model)
     mask = batch["loss_mask"]
     cp_group = _cp_group()
     iteration = args.curr_iteration

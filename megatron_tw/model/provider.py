@@ -56,9 +56,9 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
         config = core_transformer_config_from_args(args)
     from megatron_tw.token_weights import needs_scorer
 
-    if needs_scorer(args) and args.tw_short_mode == "windows":
-        # Scorers run without CP on a one-rank group; creating groups is collective, so do it
-        # here, where every rank passes, rather than at the first scored micro-batch.
+    if needs_scorer(args):
+        # Scorers run on one-rank pipeline (and, for windows, CP) groups; creating groups is
+        # collective, so do it here, where every rank passes, not at the first scored batch.
         from megatron_tw.scoring.model import single_rank_group
 
         single_rank_group()

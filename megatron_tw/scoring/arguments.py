@@ -69,6 +69,11 @@ def validate_scoring_args(args: argparse.Namespace) -> None:
                          "pipeline parallelism splits across stages; with "
                          "--pipeline-model-parallel-size > 1 use --tw-scorer frozen (a separate "
                          "model co-located on one stage) or --tw-scorer precomputed")
+    pp = args.pipeline_model_parallel_size
+    if args.tw_scorer == "frozen" and args.tw_scorer_stage not in (0, pp - 1):
+        raise ValueError(f"--tw-scorer-stage {args.tw_scorer_stage}: the frozen scorer needs the "
+                         f"micro-batch, which only the first (0) and last ({pp - 1}) pipeline "
+                         "stages read; use 0 (default) or the last stage")
     if args.tw_scorer == "frozen" and not args.tw_scorer_load:
         raise ValueError("--tw-scorer frozen needs --tw-scorer-load <HF folder or Megatron "
                          "checkpoint>")

@@ -38,14 +38,21 @@ def single_rank_group():
 
 
 def scorer_config(config, *, mode: str, window: int):
-    """A TransformerConfig for scoring: sliding -> window of W keys (CP kept); windows -> no CP."""
+    """A TransformerConfig for scoring: the whole model on one pipeline stage; sliding -> window
+    of W keys (CP kept); windows -> no CP."""
+    config = dataclasses.replace(
+        config, pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None,
+        num_layers_in_first_pipeline_stage=None, num_layers_in_last_pipeline_stage=None)
     if mode == "sliding":
         return dataclasses.replace(config, window_size=(window - 1, 0))
     return dataclasses.replace(config, context_parallel_size=1, window_size=None)
 
 
 def scorer_process_groups(mode: str) -> ProcessGroupCollection:
+    """The trainee's groups, except: no pipeline (the scorer is whole on its stage) and, in the
+    windows mode, no context parallelism."""
     pgs = ProcessGroupCollection.use_mpu_process_groups()
+    pgs.pp = single_rank_group()
     if mode == "windows":
         pgs.cp = single_rank_group()
     return pgs
