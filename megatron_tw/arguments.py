@@ -119,6 +119,12 @@ def check_context_parallel(args: argparse.Namespace) -> None:
             f"--seq-length {args.seq_length} must be divisible by 2 x --context-parallel-size "
             f"= {2 * cp} (each CP rank holds two of the 2*CP load-balanced chunks); use e.g. "
             f"--seq-length {(args.seq_length // (2 * cp) + 1) * 2 * cp}")
+    comm = args.cp_comm_type if isinstance(args.cp_comm_type, list) else [args.cp_comm_type]
+    heads_per_tp = args.num_attention_heads // args.tensor_model_parallel_size
+    if cp > 1 and "a2a" in comm and heads_per_tp % cp != 0:
+        raise ConfigError(f"--cp-comm-type a2a scatters attention heads over CP ranks: "
+                          f"{heads_per_tp} heads per TP rank are not divisible by "
+                          f"--context-parallel-size {cp}; use --cp-comm-type p2p or all_gather")
     if cp > 1 and args.transformer_impl == "local" and args.attention_backend.name not in (
             "local", "auto", "unfused"):
         raise ConfigError(f"--attention-backend {args.attention_backend.name} cannot serve "
