@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SentencePiece .model file or HF tokenizer folder (default: the model "
                         "folder's, or the --tokenizer-model the checkpoint was trained with)")
     m.add_argument("--add-bos", action="store_true",
-                   help="start every prompt with BOS (if training documents started with it)")
+                   help="start every prompt and every held-out sequence with BOS, as training "
+                        "windows do under --tw-long-document-sampling")
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     m.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
     m.add_argument("--seed", type=int, default=42, help="task generation seed")
@@ -116,6 +117,9 @@ def compare_main(argv) -> int:
     p.add_argument("--runs", nargs="+", required=True, help="NAME=path/to/results.json ...")
     p.add_argument("--out", required=True)
     p.add_argument("--mark-context", type=_ints, default=None)
+    p.add_argument("--train-logs", nargs="*", default=[],
+                   help="NAME=path/to/train.log: add the final training loss and time per "
+                        "iteration of the run NAME")
     args = p.parse_args(argv)
     runs = {}
     for item in args.runs:
@@ -123,6 +127,11 @@ def compare_main(argv) -> int:
         if not sep:
             p.error(f"--runs {item}: expected NAME=path/to/results.json")
         runs[name] = report.read_json(path)
+    for item in args.train_logs:
+        name, sep, path = item.partition("=")
+        if not sep or name not in runs:
+            p.error(f"--train-logs {item}: expected NAME=path/to/train.log with NAME in --runs")
+        runs[name]["training"] = report.training_summary(path)
     os.makedirs(args.out, exist_ok=True)
     table = report.comparison_markdown(runs)
     with open(os.path.join(args.out, "comparison.md"), "w") as f:
@@ -130,6 +139,7 @@ def compare_main(argv) -> int:
     report.plot_loss_by_position(runs, os.path.join(args.out, "loss_by_position.png"),
                                  args.mark_context or ())
     report.plot_ppl_vs_context(runs, os.path.join(args.out, "ppl_vs_context.png"))
+    report.write_json(runs, os.path.join(args.out, "comparison.json"))
     print(table)
     return 0
 

@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--losses-json", help='[{"token": " Mel", "long": 3.76, "short": 4.84}, ...]')
     p.add_argument("--model-type", default="auto", choices=["auto", "hf", "megatron"])
     p.add_argument("--tokenizer", default=None, help="default: the model's (see evaluate.py)")
+    p.add_argument("--add-bos", action="store_true", help="start the text with BOS")
     p.add_argument("--text", default=None)
     p.add_argument("--text-file", default=None)
     p.add_argument("--max-tokens", type=int, default=512)
@@ -74,7 +75,8 @@ def _scores_from_model(cfg):
         with open(cfg.text_file) as f:
             text = f.read()
     mtype = cfg.model_type if cfg.model_type != "auto" else detect_model_type(cfg.model)
-    tokenizer = load_tokenizer(cfg.tokenizer or default_tokenizer(cfg.model, mtype))
+    tokenizer = load_tokenizer(cfg.tokenizer or default_tokenizer(cfg.model, mtype),
+                               add_bos=cfg.add_bos)
     with load_backend(cfg.model, mtype, vocab_size=tokenizer.vocab_size,
                       max_length=cfg.max_tokens) as backend:
         scorer = None

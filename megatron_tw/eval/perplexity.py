@@ -74,16 +74,22 @@ def read_token_stream(path: str, tokenizer=None, max_tokens: Optional[int] = Non
     return stream[:max_tokens] if max_tokens is not None else stream
 
 
-def cut_sequences(stream: torch.Tensor, length: int, max_sequences: Optional[int] = None):
+def cut_sequences(stream: torch.Tensor, length: int, max_sequences: Optional[int] = None,
+                  bos_id: Optional[int] = None):
     """[n] -> [k, length] non-overlapping sequences from the start of the stream (the tail that
-    does not fill a sequence is dropped)."""
-    k = stream.numel() // length
+    does not fill a sequence is dropped). With ``bos_id`` each sequence is BOS + length - 1 stream
+    tokens, the layout of ``--tw-long-document-sampling`` training windows."""
+    body = length - (bos_id is not None)
+    k = stream.numel() // body
     if max_sequences is not None:
         k = min(k, max_sequences)
     if k == 0:
         raise ValueError(f"held-out text has {stream.numel()} tokens, fewer than one sequence of "
                          f"{length}; use a shorter --ppl-length or a longer document")
-    return stream[:k * length].view(k, length)
+    seqs = stream[:k * body].view(k, body)
+    if bos_id is not None:
+        seqs = torch.cat([torch.full((k, 1), bos_id, dtype=seqs.dtype), seqs], dim=1)
+    return seqs
 
 
 def bucket_means(values: Sequence[float], edges: Sequence[int]) -> list[float]:
@@ -119,10 +125,12 @@ def position_summary(logprobs: torch.Tensor, buckets: int = 16) -> dict:
             "bucket_loss": bucket_means(per_position, edges)}
 
 
-def ppl_vs_context(backend, stream: torch.Tensor, lengths: Sequence[int], span: int) -> dict:
+def ppl_vs_context(backend, stream: torch.Tensor, lengths: Sequence[int], span: int,
+                   bos_id: Optional[int] = None) -> dict:
     """Perplexity with sequences of c tokens, for each c in ``lengths``, over the first ``span``
     tokens (rounded down to a multiple of max(lengths), so every c scores the same tokens except
-    the first of each of its sequences)."""
+    the first of each of its sequences; with ``bos_id`` every sequence starts with BOS and covers
+    c - 1 of the span's tokens)."""
     top = max(lengths)
     span = (min(span, stream.numel()) // top) * top
     if span == 0:
@@ -133,7 +141,7 @@ def ppl_vs_context(backend, stream: torch.Tensor, lengths: Sequence[int], span: 
         if top % c:
             raise ValueError(f"--ppl-context-lengths: {c} does not divide {top}; use lengths that "
                              "divide the longest (e.g. powers of two)")
-        lp = backend.logprobs(stream[:span].view(-1, c)).double()
+        lp = backend.logprobs(cut_sequences(stream[:span], c, bos_id=bos_id)).double()
         loss = float((-lp).mean())
         out[str(c)] = {"loss": loss, "ppl": math.exp(loss), "tokens": int(lp.numel())}
     return {"span": span, "by_length": out}
@@ -174,10 +182,11 @@ def long_ppl(backend, sequences: torch.Tensor, window: int, *, scorer=None, mode
             "mean_gain_beyond_window": float(beyond.mean()) if beyond.numel() else float("nan")}
 
 
-def short_ppl(backend, stream: torch.Tensor, length: int, max_sequences: Optional[int] = None):
+def short_ppl(backend, stream: torch.Tensor, length: int, max_sequences: Optional[int] = None,
+              bos_id: Optional[int] = None):
     """Perplexity on held-out sequences of ``length`` tokens (the pre-extension context): the
     check that short-context ability did not suffer."""
-    seqs = cut_sequences(stream, length, max_sequences)
+    seqs = cut_sequences(stream, length, max_sequences, bos_id)
     lp = backend.logprobs(seqs).double()
     loss = float((-lp).mean())
     return {"length": length, "sequences": int(seqs.shape[0]), "loss": loss,

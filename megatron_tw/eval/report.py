@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from typing import Mapping, Optional, Sequence
 
 
@@ -109,19 +110,94 @@ def _perplexity_section(results: dict) -> list[str]:
     return lines
 
 
+_ITERATION = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|(.*)")
+_FIELD = re.compile(r"([a-zA-Z][a-zA-Z0-9 ._()-]*?):\s+([-+0-9.eE]+|nan|inf)\s*\|")
+
+
+def training_summary(log_path: str, last: int = 5) -> dict:
+    """From a pretrain_tw.py console log: iterations run, mean time per iteration and the mean of
+    the last ``last`` logged values of the lm loss and weighted loss."""
+    rows = []
+    with open(log_path, errors="replace") as f:
+        for line in f:
+            m = _ITERATION.search(line)
+            if m:
+                fields = {k.strip(): float(v) for k, v in _FIELD.findall(m.group(3) + "|")}
+                rows.append((int(m.group(1)), fields))
+    if not rows:
+        raise ValueError(f"{log_path}: no 'iteration N/M |' lines (not a pretrain_tw.py log?)")
+    tail = [f for _, f in rows[-last:]]
+
+    def mean(key):
+        values = [f[key] for f in tail if key in f]
+        return sum(values) / len(values) if values else None
+
+    times = [f["elapsed time per iteration (ms)"] for _, f in rows
+             if "elapsed time per iteration (ms)" in f]
+    return {"iterations": rows[-1][0], "lm_loss": mean("lm loss"),
+            "weighted_loss": mean("weighted loss"),
+            "ms_per_iteration": sum(times) / len(times) if times else None}
+
+
 def comparison_markdown(runs: Mapping[str, dict]) -> str:
     """One table row per model: perplexities, LongPPL and the task averages per length."""
     lengths = sorted({L for r in runs.values() for L in _task_lengths(r.get("tasks", {}))}, key=int)
-    head = ["model", "ppl (full ctx)", "short-ctx ppl", "LongPPL", "key tokens"]
+    train = any("training" in r for r in runs.values())
+    head = ["model"] + (["train lm loss", "s/iter"] if train else [])
+    head += ["ppl (full ctx)", "short-ctx ppl", "LongPPL", "key tokens"]
     head += [f"tasks avg @{L}" for L in lengths]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name, r in runs.items():
         pos, sp, lp = r.get("loss_by_position", {}), r.get("short_ppl", {}), r.get("long_ppl", {})
-        row = [name, _fmt(pos.get("ppl")), _fmt(sp.get("ppl")), _fmt(lp.get("long_ppl")),
-               str(lp.get("key_tokens", "-"))]
+        row = [name]
+        if train:
+            t = r.get("training", {})
+            ms = t.get("ms_per_iteration")
+            row += [_fmt(t.get("lm_loss"), 3), _fmt(ms / 1000 if ms else None)]
+        row += [_fmt(pos.get("ppl")), _fmt(sp.get("ppl")), _fmt(lp.get("long_ppl")),
+                str(lp.get("key_tokens", "-"))]
         row += [_fmt(task_average(r.get("tasks", {}), L), 1) for L in lengths]
         lines.append("| " + " | ".join(row) + " |")
+    lines += _comparison_details(runs)
     return "\n".join(lines) + "\n"
+
+
+def _comparison_details(runs: Mapping[str, dict]) -> list[str]:
+    """Perplexity vs context length, loss by position bucket, task scores: one row per model."""
+    lines = []
+    ctx = {n: r["ppl_vs_context"]["by_length"] for n, r in runs.items() if r.get("ppl_vs_context")}
+    if ctx:
+        cols = sorted({c for by in ctx.values() for c in by}, key=int)
+        lines += ["", "Perplexity vs context length:", "",
+                  "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        lines += [f"| {n} | " + " | ".join(_fmt(by.get(c, {}).get("ppl")) for c in cols) + " |"
+                  for n, by in ctx.items()]
+    pos = {n: r["loss_by_position"] for n, r in runs.items() if r.get("loss_by_position")}
+    if pos:
+        edges = next(iter(pos.values()))["bucket_edges"]
+        cols = [f"{a}-{b - 1}" for a, b in zip(edges[:-1], edges[1:])]
+        lines += ["", "Mean loss by token position:", "",
+                  "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        lines += [f"| {n} | " + " | ".join(_fmt(x, 3) for x in p["bucket_loss"]) + " |"
+                  for n, p in pos.items() if p["bucket_edges"] == edges]
+    tasks = {n: r["tasks"] for n, r in runs.items() if r.get("tasks")}
+    if tasks:
+        cells = sorted({(t, L) for ts in tasks.values() for t, by in ts.items() for L in by},
+                       key=lambda c: (c[0], int(c[1])))
+        lines += ["", "Synthetic tasks (string_match_all, %):", "",
+                  "| model | " + " | ".join(f"{t} @{L}" for t, L in cells) + " |",
+                  "|---" * (len(cells) + 1) + "|"]
+        lines += [f"| {n} | " + " | ".join(_fmt(ts.get(t, {}).get(L, {}).get("score"), 1)
+                                           for t, L in cells) + " |" for n, ts in tasks.items()]
+    grids = {n: r["needle_grid"] for n, r in runs.items() if r.get("needle_grid")}
+    if grids:
+        g0 = next(iter(grids.values()))
+        cols = [f"{L}/{d:g}%" for L in g0["lengths"] for d in g0["depths"]]
+        lines += ["", f"Needle grid {g0['task']} (length/depth):", "",
+                  "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        lines += [f"| {n} | " + " | ".join(_fmt(x, 0) for row in g["scores"] for x in row) + " |"
+                  for n, g in grids.items()]
+    return lines
 
 
 def _pyplot():

@@ -7,6 +7,7 @@ tool for every field). Sections run only when asked for: perplexity needs ``--he
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Optional
@@ -94,11 +95,14 @@ def _perplexity_sections(backend, tokenizer, cfg, results, longest, log) -> Opti
     """Loss by position, ppl vs context, short-context ppl and LongPPL; returns the separate
     LongPPL scorer backend (for the caller to close) or None."""
     span = cfg.ppl_span or (cfg.ppl_length or longest) * (cfg.ppl_sequences or 16)
-    stream = ppl.read_token_stream(cfg.heldout, tokenizer, max_tokens=max(span, longest))
+    # BOS (--add-bos) starts every held-out sequence, not every document of the stream
+    bos = tokenizer.bos_id if cfg.add_bos else None
+    stream = ppl.read_token_stream(cfg.heldout, dataclasses.replace(tokenizer, add_bos=False),
+                                   max_tokens=max(span, longest))
     log(f"held-out {cfg.heldout}: {stream.numel()} tokens read")
     scorer = None
     if cfg.ppl_length:
-        seqs = ppl.cut_sequences(stream, cfg.ppl_length, cfg.ppl_sequences)
+        seqs = ppl.cut_sequences(stream, cfg.ppl_length, cfg.ppl_sequences, bos)
         t0 = time.perf_counter()
         model_lp = backend.logprobs(seqs)
         pos = ppl.position_summary(model_lp, cfg.position_buckets)
@@ -122,12 +126,13 @@ def _perplexity_sections(backend, tokenizer, cfg, results, longest, log) -> Opti
                 f"({time.perf_counter() - t0:.1f} s)")
     if cfg.ppl_context_lengths:
         results["ppl_vs_context"] = ppl.ppl_vs_context(backend, stream, cfg.ppl_context_lengths,
-                                                       span)
+                                                       span, bos)
         log("  ppl vs context: " + ", ".join(f"{c}: {v['ppl']:.3f}" for c, v in
                                              results["ppl_vs_context"]["by_length"].items()))
     if cfg.short_ppl_length:
         results["short_ppl"] = ppl.short_ppl(backend, stream, cfg.short_ppl_length,
-                                             max_sequences=span // cfg.short_ppl_length)
+                                             max_sequences=span // cfg.short_ppl_length,
+                                             bos_id=bos)
         log(f"  short-context ppl @ {cfg.short_ppl_length}: {results['short_ppl']['ppl']:.3f}")
     return scorer
 

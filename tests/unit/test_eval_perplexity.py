@@ -118,6 +118,19 @@ def test_loss_by_position_and_context_lengths(model, ref64):
         assert ctx["by_length"][str(c)]["tokens"] == want.numel()
 
 
+def test_sequences_with_bos(model, ref64):
+    stream = tokens(50, seed=8)
+    seqs = ppl.cut_sequences(stream, 8, bos_id=1)
+    assert seqs.shape == (7, 8) and seqs[:, 0].tolist() == [1] * 7
+    assert seqs[:, 1:].reshape(-1).tolist() == stream[:49].tolist()
+    ctx = ppl.ppl_vs_context(HFBackend(model), stream, [4, 8], span=48, bos_id=1)
+    for c in (4, 8):
+        body = stream[:48 - 48 % (c - 1)].view(-1, c - 1)
+        want = -ref_sequence_logprobs(ref64, torch.cat([torch.ones(len(body), 1).long(), body], 1))
+        assert ctx["by_length"][str(c)]["ppl"] == pytest.approx(math.exp(float(want.mean())),
+                                                                rel=1e-5)
+
+
 def _ref_long_ppl(model_lp, scorer_long, scorer_short):
     mask = (scorer_long - scorer_short > 2.0) & (scorer_long > -2.0)
     return mask, math.exp(float(-model_lp[mask].mean()))
