@@ -46,7 +46,7 @@ _PHRASES = {"empty batch": "no token of the global batch in the loss (loss 0/0)"
 
 
 class NonFiniteError(RuntimeError):
-    """NaN or Inf found in a named tensor; the message names the iteration, the rank and the policy."""
+    """NaN or Inf in a named tensor; the message names the iteration, the rank and the policy."""
 
 
 @dataclasses.dataclass
@@ -54,8 +54,14 @@ class _StepRecord:
     """What the checks of the current training step found on this rank (reset by the guard)."""
 
     found: dict = dataclasses.field(default_factory=dict)  # kind -> first description
-    tokens: float = 0.0  # loss-mask tokens seen by this rank's loss function in this step
+    # loss-mask tokens seen by this rank's loss functions in this step: a tensor on the loss's
+    # device, read once by the guard (no host sync per micro-batch)
+    tokens: Optional[torch.Tensor] = None
     counted: bool = False  # whether any loss function ran on this rank in this step
+
+    def clear(self) -> None:
+        self.found.clear()
+        self.tokens, self.counted = None, False
 
 
 _STEP = _StepRecord()
@@ -78,7 +84,8 @@ def _rank() -> int:
 def _enabled(args) -> bool:
     # tw_check_nonfinite is set at start-up (reliability_args.py); older arg namespaces (tests
     # that parse without the group) fall back to megatron's flag.
-    return bool(getattr(args, "tw_check_nonfinite", getattr(args, "check_for_nan_in_loss_and_grad", True)))
+    default = getattr(args, "check_for_nan_in_loss_and_grad", True)
+    return bool(getattr(args, "tw_check_nonfinite", default))
 
 
 def _policy(args) -> str:
@@ -98,20 +105,20 @@ def describe_nonfinite(tensor: torch.Tensor) -> str:
     return f"{nan} NaN, {inf} Inf of {t.numel()} values"
 
 
-def _hint(name: str) -> str:
-    return {
-        "loss": "the trainee's own losses: usually a learning rate that overflowed (check --lr, "
-                "--lr-warmup-*, --clip-grad) or a diverged run; the last checkpoint is intact",
-        "short-context losses": "the scores: a broken scorer checkpoint (--tw-scorer-load) or "
-                                "NaN/Inf in the precomputed sidecar (--tw-short-loss-path)",
-        "token weights": "the weighting turned finite scores into NaN/Inf: check --tw-temperature, "
-                         "--tw-shift and --tw-truncation",
-        "gradients": "the backward pass overflowed (check --lr, --clip-grad, --loss-scale)",
-        "empty batch": "every label of the global batch is masked (e.g. --eod-mask-loss on "
-                       "sequences of EOD tokens only): the loss is 0/0; megatron would still "
-                       "step the optimizer on zero gradients (momentum and weight decay move "
-                       "the weights with no data)",
-    }.get(name, "")
+# The likely cause of each kind of finding, for the message.
+_HINTS = {
+    "loss": "the trainee's own losses: usually a learning rate that overflowed (check --lr, "
+            "--lr-warmup-*, --clip-grad) or a diverged run; the last checkpoint is intact",
+    "short-context losses": "the scores: a broken scorer checkpoint (--tw-scorer-load) or "
+                            "NaN/Inf in the precomputed sidecar (--tw-short-loss-path)",
+    "token weights": "the weighting turned finite scores into NaN/Inf: check --tw-temperature, "
+                     "--tw-shift and --tw-truncation",
+    "gradients": "the backward pass overflowed (check --lr, --clip-grad, --loss-scale)",
+    "empty batch": "every label of the global batch is masked (e.g. --eod-mask-loss on "
+                   "sequences of EOD tokens only): the loss is 0/0; megatron would still step "
+                   "the optimizer on zero gradients (momentum and weight decay move the weights "
+                   "with no data)",
+}
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> bool:
@@ -138,7 +145,7 @@ def check_finite(name: str, tensor: torch.Tensor) -> bool:
         raise NonFiniteError(
             f"non-finite {name} at iteration {iteration}: {what}. Stopped before the optimizer "
             f"step (--tw-nonfinite stop): no weight, optimizer state or checkpoint holds this "
-            f"step. Likely cause: {_hint(name)}. --tw-nonfinite skip would skip such steps "
+            f"step. Likely cause: {_HINTS[name]}. --tw-nonfinite skip would skip such steps "
             "instead.")
     if not torch.is_grad_enabled():
         print(f"WARNING: non-finite {name} during evaluation after iteration {iteration - 1}: "
@@ -155,7 +162,8 @@ def count_loss_tokens(num_tokens: torch.Tensor) -> None:
     """Add this micro-batch's loss-mask token count (a local integer scalar) to the step record;
     the guard sums it over all ranks to catch a global batch without tokens. Training only."""
     if torch.is_grad_enabled():
-        _STEP.tokens += float(num_tokens)
+        n = num_tokens.detach().to(torch.float64)
+        _STEP.tokens = n if _STEP.tokens is None else _STEP.tokens + n
         _STEP.counted = True
 
 
@@ -167,8 +175,18 @@ def _local_grads_finite(optimizer) -> bool:
         return True
     # Max-abs per tensor (a multi-tensor kernel on GPU): Inf or NaN exactly when a value is, with
     # no overflow from squaring large finite gradients as a 2-norm would.
-    norms = torch._foreach_norm(grads, ord=float("inf"))
-    return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+    try:
+        norms = torch._foreach_norm(grads, ord=float("inf"))
+    except (RuntimeError, TypeError):  # mixed devices/dtypes on some builds
+        norms = [torch.linalg.vector_norm(g, ord=float("inf")) for g in grads]
+    return bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all())
+
+
+def _collective_device() -> torch.device:
+    """NCCL reduces CUDA tensors only; gloo reduces CPU tensors."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _step_verdict(optimizer) -> tuple[list[str], bool]:
@@ -177,12 +195,14 @@ def _step_verdict(optimizer) -> tuple[list[str], bool]:
     the global batch had no loss token)."""
     counts = [1.0 if kind in _STEP.found else 0.0 for kind in STEP_KINDS[:-1]]
     counts.append(0.0 if _local_grads_finite(optimizer) else 1.0)
+    tokens = 0.0 if _STEP.tokens is None else float(_STEP.tokens)
     # Token count: summed over all ranks (TP copies and non-last PP stages included: only
     # whether it is zero matters); "counted" tells whether any rank ran a loss function.
-    verdict = torch.tensor([*counts, _STEP.tokens, 1.0 if _STEP.counted else 0.0],
-                           dtype=torch.float64)
+    verdict = torch.tensor([*counts, tokens, 1.0 if _STEP.counted else 0.0], dtype=torch.float64)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        verdict = verdict.to(_collective_device())
         torch.distributed.all_reduce(verdict)
+        verdict = verdict.cpu()
     kinds = [kind for kind, n in zip(STEP_KINDS, verdict[:len(STEP_KINDS)].tolist()) if n > 0]
     no_tokens = verdict[-1].item() > 0 and verdict[-2].item() == 0
     return kinds, no_tokens
@@ -197,14 +217,16 @@ def _guard_prepare_grads(optimizer, prepare_grads):
         global _CONSECUTIVE_SKIPS
         found_inf = prepare_grads()
         args = _args()
-        if not _enabled(args):
+        if found_inf or not _enabled(args):
+            # megatron's own overflow (fp16 loss scaling, agreed over the model-parallel group):
+            # it skips the step and lowers the loss scale; an expected event, not a finding.
+            _STEP.clear()
             return found_inf
         try:
             kinds, no_tokens = _step_verdict(optimizer)
             local = dict(_STEP.found)
         finally:
-            _STEP.found.clear()
-            _STEP.tokens, _STEP.counted = 0.0, False
+            _STEP.clear()
         if no_tokens:  # a loss of 0/0, whatever the gradients look like: name it first
             kinds.insert(0, "empty batch")
         if not kinds:
@@ -217,14 +239,14 @@ def _guard_prepare_grads(optimizer, prepare_grads):
         if _policy(args) == "stop":
             raise NonFiniteError(
                 f"{names} at iteration {iteration}{detail}. Stopped before the "
-                f"optimizer step (--tw-nonfinite stop). Likely cause: {_hint(kinds[0])}.")
+                f"optimizer step (--tw-nonfinite stop). Likely cause: {_HINTS[kinds[0]]}.")
         _CONSECUTIVE_SKIPS += 1
         limit = getattr(args, "tw_nonfinite_max_skips", None)
         if limit is not None and _CONSECUTIVE_SKIPS > limit:
             raise NonFiniteError(
                 f"{names} at iteration {iteration}{detail}: {_CONSECUTIVE_SKIPS} "
                 f"consecutive iterations skipped, more than --tw-nonfinite-max-skips {limit}; "
-                f"stopping. Likely cause: {_hint(kinds[0])}.")
+                f"stopping. Likely cause: {_HINTS[kinds[0]]}.")
         if _rank() == 0:
             print(f"WARNING: skipped iteration {iteration}: {names}{detail}; "
                   "parameters, optimizer state and learning-rate schedule left unchanged "
@@ -237,7 +259,8 @@ def _guard_prepare_grads(optimizer, prepare_grads):
 
 def guard_optimizer(optimizer):
     """Install the step guard on one megatron optimizer instance (idempotent); returns it."""
-    if optimizer is not None and not getattr(optimizer.prepare_grads, "__megatron_tw_guard__", False):
+    guarded = getattr(getattr(optimizer, "prepare_grads", None), "__megatron_tw_guard__", False)
+    if optimizer is not None and not guarded:
         optimizer.prepare_grads = _guard_prepare_grads(optimizer, optimizer.prepare_grads)
     return optimizer
 
@@ -268,7 +291,6 @@ def reset_step_record() -> Optional[dict]:
     """Clear and return what the current step recorded (for tests driving the checks directly)."""
     global _CONSECUTIVE_SKIPS
     found = dict(_STEP.found)
-    _STEP.found.clear()
-    _STEP.tokens, _STEP.counted = 0.0, False
+    _STEP.clear()
     _CONSECUTIVE_SKIPS = 0
     return found

@@ -1,4 +1,4 @@
-"""The ``--tw-nonfinite*`` flags, and start-up checks of the files a run reads before its first step.
+"""The ``--tw-nonfinite*`` flags, and start-up checks of the files a run reads before step 1.
 
 Checked once, at argument validation (before megatron initialises anything), each failure one
 :class:`~megatron_tw.arguments.ConfigError` naming the flag, the file and the fix:
@@ -50,7 +50,8 @@ def add_reliability_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 @register_arg_check
 def validate_reliability_args(args: argparse.Namespace) -> None:
     if args.tw_nonfinite_max_skips < 0:
-        raise ConfigError(f"--tw-nonfinite-max-skips must be >= 0, got {args.tw_nonfinite_max_skips}")
+        raise ConfigError("--tw-nonfinite-max-skips must be >= 0, got "
+                          f"{args.tw_nonfinite_max_skips}")
     args.tw_check_nonfinite = bool(args.check_for_nan_in_loss_and_grad)
     if args.tw_check_nonfinite:
         if args.tw_nonfinite == "skip":
@@ -69,7 +70,7 @@ def _is_local(path: str) -> bool:
 
 
 def _zip_problem(path: str) -> Optional[str]:
-    """torch.save writes a zip archive whose directory sits at the end: a truncated file has none."""
+    """torch.save writes a zip archive, its directory at the end: a truncated file has none."""
     with open(path, "rb") as f:
         if f.read(2) != b"PK":
             return None  # a legacy pickle: nothing cheap to check
@@ -108,7 +109,8 @@ def _dcp_problems(folder: str) -> list[str]:
 
 def checkpoint_problems(folder: str) -> list[str]:
     """What keeps ``folder`` (an ``iter_NNNNNNN`` or ``release`` folder) from loading; [] if
-    complete. Formats: torch_dist (metadata.json + torch DCP files), torch_dcp, torch (mp_rank_*)."""
+    complete. Formats: torch_dist (metadata.json + torch DCP files), torch_dcp, torch
+    (mp_rank_*)."""
     if not os.path.isdir(folder):
         return ["the folder does not exist"]
     entries = os.listdir(folder)

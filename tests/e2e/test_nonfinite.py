@@ -62,8 +62,9 @@ def _state(ck, iteration: int) -> dict:
 
 
 def _same_state(a: dict, b: dict) -> bool:
-    model = a["model"].keys() == b["model"].keys() and all(
-        torch.equal(a["model"][k], b["model"][k]) for k in a["model"] if torch.is_tensor(a["model"][k]))
+    ma, mb = a["model"], b["model"]
+    model = ma.keys() == mb.keys() and all(
+        torch.equal(ma[k], mb[k]) for k in ma if torch.is_tensor(ma[k]))
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     opt = sa.keys() == sb.keys() and all(
         torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
@@ -167,3 +168,81 @@ def test_empty_batches_are_skipped_and_training_goes_on(tmp_path):
             assert not _same_state(before, after), f"iteration {it} did not train"
             assert after["opt_param_scheduler"]["num_steps"] == \
                 before["opt_param_scheduler"]["num_steps"] + 1
+
+
+# -- NaN scores in a precomputed sidecar, two data-parallel ranks --------------------------------
+
+POISON = 5  # the token whose input embedding the scorer holds as NaN
+
+
+def _poisoned_hf_scorer(path) -> str:
+    """A tiny HF Llama whose input embedding of token POISON is NaN: every window that holds the
+    token scores NaN from it on (attention carries it forward), every other window is finite."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, rope_theta=10000.0,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[POISON] = float("nan")
+    model.save_pretrained(path)
+    return str(path)
+
+
+def _rare_token_corpus(prefix) -> str:
+    """Random documents without POISON, except every fourth, which holds it once."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(1)
+    vocab = np.array([t for t in range(127) if t != POISON])
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
+    for i in range(80):
+        doc = rng.choice(vocab, int(rng.integers(30, 60)))
+        if i % 4 == 0:
+            doc[int(rng.integers(0, len(doc)))] = POISON
+        doc = np.append(doc, 127).astype(np.int32)
+        builder.add_document(torch.from_numpy(doc), [len(doc)])
+    builder.finalize(f"{prefix}.idx")
+    return str(prefix)
+
+
+def test_nan_in_precomputed_scores_skips_those_steps_on_every_rank(tmp_path):
+    """DP2, one sample per rank and step. The oracle is the sidecar file itself: step s reads
+    rows 2(s-1) (rank 0) and 2(s-1)+1 (rank 1); it must be skipped exactly when one of them holds
+    NaN, also when only one rank saw it, and leave the weights as they were."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from tests.launch import torchrun
+
+    steps, ck = 8, str(tmp_path / "ck")
+    data = _rare_token_corpus(tmp_path / "text")
+    flags = _with(BASE, micro_batch_size=1, global_batch_size=2) + [
+        "--data-path", data, "--train-iters", str(steps), "--tw-preset", "dense",
+        "--tw-short-context", "32"]
+    torchrun(1, "tools/score_data.py",
+             [*flags, "--tw-scorer-load", _poisoned_hf_scorer(tmp_path / "scorer"),
+              "--no-progress"], timeout=300)
+    rows = IndexedDataset(f"{data}_short_loss_train")
+    bad = [not np.isfinite(rows[i]).all() for i in range(2 * steps)]
+    expected = {s for s in range(1, steps + 1) if bad[2 * s - 2] or bad[2 * s - 1]}
+    one_rank = {s: 0 if bad[2 * s - 2] else 1 for s in expected if bad[2 * s - 2] != bad[2 * s - 1]}
+    # both ranks alone see a NaN once, and clean steps remain
+    assert set(one_rank.values()) == {0, 1} and set(range(2, steps + 1)) - expected, bad
+
+    run = torchrun(2, "pretrain_tw.py",
+                   [*flags, "--tw-scorer", "precomputed", "--tw-nonfinite", "skip", "--save", ck,
+                    "--save-interval", "1", "--ckpt-format", "torch"], timeout=300, check=False)
+    out = run.stdout
+    assert run.returncode == 0, out[-5000:]
+    skipped = {int(i) for i in re.findall(
+        r"skipped iteration (\d+): non-finite short-context losses", out)}
+    assert skipped == expected, (skipped, expected)
+    for s, rank in one_rank.items():  # found on the rank that read the row, skipped on both
+        assert re.search(rf"non-finite short-context losses at iteration {s}: \d+ NaN, 0 Inf of "
+                         rf"64 values on rank {rank}", out), out[-5000:]
+    for it in range(2, steps + 1):
+        before, after = _state(ck, it - 1), _state(ck, it)
+        assert _same_state(before, after) == (it in expected), it

@@ -93,7 +93,7 @@ def test_loss_function_counts_loss_tokens(args):
     mask = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
     token_weighted_loss(mask, None, torch.rand(2, 3, requires_grad=True))
     token_weighted_loss(mask, None, torch.rand(2, 3, requires_grad=True))
-    assert reliability._STEP.tokens == 6.0 and reliability._STEP.counted
+    assert float(reliability._STEP.tokens) == 6.0 and reliability._STEP.counted
 
 
 # -- the guard on megatron's optimizer ----------------------------------------------------------
@@ -114,7 +114,7 @@ def optimizer(args):
 
     def step(grad_value=None):
         for p in model.parameters():
-            p.grad = torch.full_like(p, 0.5) if grad_value is None else torch.full_like(p, grad_value)
+            p.grad = torch.full_like(p, 0.5 if grad_value is None else grad_value)
         before = (copy.deepcopy(model.state_dict()), copy.deepcopy(inner.state_dict()))
         ok = opt.step()[0]
         after = (model.state_dict(), inner.state_dict())

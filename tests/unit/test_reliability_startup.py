@@ -92,7 +92,8 @@ def test_tracker_naming_an_incomplete_checkpoint_points_to_the_complete_one(tmp_
     msg = str(err.value)
     assert f"--load {ck}: checkpoint iter_0000004 (named by latest_checkpointed_iteration.txt) " \
            "is incomplete: missing .metadata" in msg
-    assert "complete checkpoints here: iter_0000002; resume from the newest with --ckpt-step 2" in msg
+    assert ("complete checkpoints here: iter_0000002; resume from the newest with "
+            "--ckpt-step 2") in msg
     _load(ck, step=2)  # the fix it names works
     with pytest.raises(ConfigError, match=r"iter_0000004 \(named by --ckpt-step 4\)"):
         _load(ck, step=4)
@@ -181,6 +182,11 @@ def test_checks_run_from_the_parser(tmp_path, monkeypatch):
     (ck / "latest_checkpointed_iteration.txt").write_text("")
     with pytest.raises(ConfigError, match="not an iteration"):
         parse_and_validate_args([*base, "--load", str(ck)], set_globals=False)
+    junk = tmp_path / "tokenizer.model"
+    junk.write_bytes(os.urandom(4096))
+    with pytest.raises(ConfigError, match=f"--tokenizer-model {junk} is not a SentencePiece"):
+        parse_and_validate_args([*base, "--tokenizer-type", "SentencePieceTokenizer",
+                                 "--tokenizer-model", str(junk)], set_globals=False)
     args = parse_and_validate_args([*base, "--tw-nonfinite", "skip"], set_globals=False)
     # skip owns the gradient check: megatron's fatal DDP check is off, the guard's is on
     assert args.tw_nonfinite == "skip" and args.tw_check_nonfinite
