@@ -10,7 +10,8 @@
 #   3. evaluate the base model and the four extended ones on the held-out novel (perplexity by
 #      position, vs context length, short-context perplexity, LongPPL with key tokens from the
 #      model itself at W=SHORT) and on RULER-style tasks, then one comparison table and plots.
-# Results: $OUT/summary.md (table), $OUT/compare/*.png, $OUT/eval/<run>/results.{json,md}, plots.
+# Results: $OUT/summary.md (table), $OUT/compare/*.png, $OUT/eval/<run>/results.{json,md}, plots,
+# $OUT/weights/dense.{html,png} (held-out tokens coloured by their dense weight, extended model).
 # docs/study.md reports a run of this script.
 #
 # Environment overrides: OUT (runs/small_scale_study), DATA (data/demo), NPROC (2),
@@ -170,6 +171,15 @@ for run in base "${RUNS[@]}"; do
     stamp "   $run"
     evaluate "$run"
 done
+if [[ ! -f "$OUT/weights/dense.html" ]]; then  # what the dense preset does to held-out text
+    "$PY" tools/visualize_weights.py --model "$OUT/dense" --model-type megatron \
+        --tokenizer "$TOKENIZER" --add-bos --text-file "$DATA/heldout.jsonl" --text-offset 20000 \
+        --max-tokens $LONG --short-context $SHORT --preset dense --png-tokens 200 \
+        --out "$OUT/weights/dense" > "$OUT/weights.log" 2>&1 || {
+        tail -20 "$OUT/weights.log"
+        exit 1
+    }
+fi
 CMP_RUNS=()
 LOGS=()
 for run in base "${RUNS[@]}"; do

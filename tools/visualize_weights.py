@@ -47,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="default: the model's (see evaluate.py)")
     p.add_argument("--add-bos", action="store_true", help="start the text with BOS")
     p.add_argument("--text", default=None)
-    p.add_argument("--text-file", default=None)
+    p.add_argument("--text-file", default=None,
+                   help="a text file, or a .jsonl file of {\"text\": ...} (its first document)")
+    p.add_argument("--text-offset", type=int, default=0,
+                   help="start this many characters into the text")
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--short-context", type=int, default=256, help="W of the short-context scorer")
     p.add_argument("--short-mode", default="sliding", choices=["sliding", "windows"])
@@ -58,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
                    help="WeightingConfig override FIELD=VALUE (e.g. interpolation=0.5), repeatable")
     p.add_argument("--png-tokens", type=int, default=160, help="tokens drawn in the PNG")
+    p.add_argument("--png-from", type=int, default=None,
+                   help="first scored token drawn in the PNG (default: with --model, the first "
+                        "token beyond the short context, where long and short losses differ)")
     p.add_argument("--out", required=True, help="output prefix: OUT.html, OUT.png, OUT.json")
     return p
 
@@ -73,7 +79,10 @@ def _scores_from_model(cfg):
     text = cfg.text
     if cfg.text_file:
         with open(cfg.text_file) as f:
-            text = f.read()
+            text = json.loads(f.readline())["text"] if cfg.text_file.endswith(".jsonl") else f.read()
+    if cfg.text_offset:  # start at the next word after the offset
+        rest = text[cfg.text_offset:]
+        text = rest[len(rest.split(maxsplit=1)[0]):].lstrip() if rest.strip() else rest
     mtype = cfg.model_type if cfg.model_type != "auto" else detect_model_type(cfg.model)
     tokenizer = load_tokenizer(cfg.tokenizer or default_tokenizer(cfg.model, mtype),
                                add_bos=cfg.add_bos)
@@ -122,7 +131,9 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     with open(cfg.out + ".html", "w") as f:
         f.write(render_html(scores, title, f"long-context losses: {source}"))
-    render_png(scores, cfg.out + ".png", title, max_tokens=cfg.png_tokens)
+    start = cfg.png_from if cfg.png_from is not None else (cfg.short_context if cfg.model else 0)
+    start = min(start, max(0, len(scores.weights) - cfg.png_tokens))
+    render_png(scores, cfg.out + ".png", title, max_tokens=cfg.png_tokens, start=start)
     with open(cfg.out + ".json", "w") as f:
         json.dump({"preset": cfg.preset, "overrides": dict(cfg.overrides), "source": source,
                    "tokens": tokens, "long_loss": scores.long_loss,

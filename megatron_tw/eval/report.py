@@ -94,7 +94,8 @@ def _perplexity_section(results: dict) -> list[str]:
             lines.append(f"- LongPPL (key tokens by {lp.get('scorer', 'self')} at W={lp['window']}"
                          f", {lp['mode']}): **{_fmt(lp['long_ppl'])}** on {lp['key_tokens']} key "
                          f"tokens ({_fmt(100 * lp['key_fraction'])}%); other tokens "
-                         f"{_fmt(lp['other_ppl'])}")
+                         f"{_fmt(lp['other_ppl'])}; mean gain log p_long - log p_short beyond "
+                         f"W: {_fmt(lp.get('mean_gain_beyond_window'), 4)} nats")
         lines += ["", "Loss by position (mean over sequences, per bucket of positions):", "",
                   "| positions | " + " | ".join(f"{a}-{b - 1}" for a, b in
                                                 zip(pos["bucket_edges"][:-1],
@@ -144,7 +145,7 @@ def comparison_markdown(runs: Mapping[str, dict]) -> str:
     lengths = sorted({L for r in runs.values() for L in _task_lengths(r.get("tasks", {}))}, key=int)
     train = any("training" in r for r in runs.values())
     head = ["model"] + (["train lm loss", "s/iter"] if train else [])
-    head += ["ppl (full ctx)", "short-ctx ppl", "LongPPL", "key tokens"]
+    head += ["ppl (full ctx)", "short-ctx ppl", "LongPPL", "key tokens", "gain beyond W"]
     head += [f"tasks avg @{L}" for L in lengths]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name, r in runs.items():
@@ -155,7 +156,7 @@ def comparison_markdown(runs: Mapping[str, dict]) -> str:
             ms = t.get("ms_per_iteration")
             row += [_fmt(t.get("lm_loss"), 3), _fmt(ms / 1000 if ms else None)]
         row += [_fmt(pos.get("ppl")), _fmt(sp.get("ppl")), _fmt(lp.get("long_ppl")),
-                str(lp.get("key_tokens", "-"))]
+                str(lp.get("key_tokens", "-")), _fmt(lp.get("mean_gain_beyond_window"), 4)]
         row += [_fmt(task_average(r.get("tasks", {}), L), 1) for L in lengths]
         lines.append("| " + " | ".join(row) + " |")
     lines += _comparison_details(runs)

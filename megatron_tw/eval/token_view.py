@@ -123,16 +123,17 @@ def _html_text(token: str) -> str:
 
 
 def render_png(scores: TokenScores, path: str, title: str = "token weights",
-               max_tokens: int = 160, per_line: float = 90.0) -> str:
-    """Tokens as coloured boxes, wrapped into lines, with weight, long and short loss below."""
+               max_tokens: int = 160, per_line: float = 90.0, start: int = 0) -> str:
+    """Tokens as coloured boxes, wrapped into lines, with weight, long and short loss below:
+    scored tokens ``start`` .. ``start + max_tokens - 1`` (0 = the first predicted token)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tokens = scores.tokens[1:max_tokens + 1]
+    tokens = scores.tokens[1 + start:1 + start + max_tokens]
     rows, row, width = [], [], 0.0
-    for i, tok in enumerate(tokens):
+    for i, tok in enumerate(tokens, start=start):
         shown = tok.replace("\n", "\u21b5")
         w = max(len(shown), 4) + 1.0
         if row and width + w > per_line:
@@ -142,6 +143,9 @@ def render_png(scores: TokenScores, path: str, title: str = "token weights",
         width += w
     if row:
         rows.append(row)
+    if not rows:
+        raise ValueError(f"no scored tokens from position {start} (the text has "
+                         f"{len(scores.weights)})")
     fig_h = 1.0 + 0.95 * len(rows)
     fig, ax = plt.subplots(figsize=(per_line * 0.115, fig_h))
     ax.set_xlim(0, per_line)
@@ -158,7 +162,8 @@ def render_png(scores: TokenScores, path: str, title: str = "token weights",
                     color="#333")
             ax.text(x + 0.2, y + 3.25, f"{scores.long_loss[i]:.2f}/{scores.short_loss[i]:.2f}",
                     fontsize=5.5, family="monospace", color="#555")
-    ax.set_title(f"{title}\n(box: weight; below: w, long/short loss)", fontsize=9)
+    first = f"from token {start + 1}; " if start else ""
+    ax.set_title(f"{title}\n({first}box: weight; below: w, long/short loss)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
