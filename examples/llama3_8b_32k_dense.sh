@@ -127,7 +127,7 @@ DATA_ARGS=(
 )
 
 # Dense weighting: w = 0.75 + 0.25 * N |d| / sum |d|, d = long loss - short loss; the trainee
-# itself scores every token with exactly 8,191 tokens of context (sliding window).
+# itself scores every token in one sliding-window pass (each layer attends to the last 8,192 tokens).
 TW_ARGS=(
     --tw-preset dense
     --tw-interpolation 0.75

@@ -128,7 +128,7 @@ DATA_ARGS=(
 )
 
 # Sparse weighting: w = 1/kappa on the top floor(kappa N) tokens by |d| (ties broken by a seeded
-# hash), 0 elsewhere; the trainee itself scores every token with 8,191 tokens of context.
+# hash), 0 elsewhere; the trainee scores every token in one sliding-window pass (W = 8,192).
 TW_ARGS=(
     --tw-preset sparse
     --tw-sparsity 0.25

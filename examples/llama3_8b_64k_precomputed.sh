@@ -28,7 +28,7 @@
 #       --tokenizer-type HuggingFaceTokenizer --tokenizer-model /models/Meta-Llama-3-8B --workers 32
 #   python tools/convert_checkpoint.py hf-to-megatron --hf-dir /models/Meta-Llama-3-8B \
 #       --out "$CKPT_DIR" --rotary-base 15300000 --target-tensor-parallel-size 4 --dtype bfloat16
-#   # score every token once with the frozen 1B model, 8,191 tokens of context each (sliding):
+#   # score every token once with the frozen 1B model (one sliding-window pass, W = 8,192):
 #   torchrun --nproc-per-node 8 tools/score_data.py <this script's pretrain_tw.py flags, e.g.
 #       from TW_PRINT_ARGS=1> --tw-scorer-load /models/Llama-3.2-1B \
 #       --tw-short-context 8192 --tw-short-mode sliding --tw-short-loss-path "${DATA_PREFIX}_short_loss"

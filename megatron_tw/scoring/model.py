@@ -89,8 +89,8 @@ def share_parameters(scorer: torch.nn.Module, trainee: torch.nn.Module) -> None:
 
 @torch.no_grad()
 def score_spans(model, tokens: torch.Tensor, labels: torch.Tensor, spans: list[Span], *,
-                seq_length: int, cp_size: int, cp_rank: int, bos_id: Optional[int] = None,
-                out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                seq_length: int, cp_size: int, cp_rank: int,
+                bos_id: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Short-context losses for this CP rank's positions.
 
     Args:
@@ -105,8 +105,7 @@ def score_spans(model, tokens: torch.Tensor, labels: torch.Tensor, spans: list[S
     """
     b = tokens.shape[0]
     s_local = seq_length // cp_size
-    losses = out if out is not None else torch.zeros(b, s_local, dtype=torch.float32,
-                                                     device=tokens.device)
+    losses = torch.zeros(b, s_local, dtype=torch.float32, device=tokens.device)
     scored = torch.zeros(b, s_local, dtype=torch.bool, device=tokens.device)
     by_length: dict[int, list[Span]] = {}
     for span in spans:

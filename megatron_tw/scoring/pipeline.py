@@ -20,18 +20,14 @@ from megatron.core import parallel_state
 _PENDING: list = []  # (work, tensors) kept alive until the send completes
 
 
-def scorer_stage(args) -> int:
-    return args.tw_scorer_stage
-
-
 def remote_scoring(args) -> bool:
     """Whether the frozen scorer runs on another pipeline stage than the loss (the last)."""
     pp = args.pipeline_model_parallel_size
-    return args.tw_scorer == "frozen" and pp > 1 and scorer_stage(args) != pp - 1
+    return args.tw_scorer == "frozen" and pp > 1 and args.tw_scorer_stage != pp - 1
 
 
 def is_scorer_stage(args) -> bool:
-    return parallel_state.get_pipeline_model_parallel_rank() == scorer_stage(args)
+    return parallel_state.get_pipeline_model_parallel_rank() == args.tw_scorer_stage
 
 
 def send_short_losses(short: torch.Tensor, same_as_long: torch.Tensor) -> None:
