@@ -141,11 +141,28 @@ def test_the_gpu_examples_exist():
         assert name in names
 
 
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    """A stand-in for the CPU scripts' ``DATA`` folder (data/demo, built by
+    tools/build_demo_data.py and absent on a fresh checkout): the start-up checks open the
+    SentencePiece model the scripts name, so it holds a real one, trained here on a few lines."""
+    import sentencepiece as spm
+
+    root = tmp_path_factory.mktemp("demo")
+    (root / "tokenizer").mkdir()
+    lines = [f"It was the best of times, it was the worst of times {i}." for i in range(200)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines),
+                                   model_prefix=str(root / "tokenizer" / "tokenizer"),
+                                   vocab_size=100, model_type="bpe", minloglevel=2)
+    return root
+
+
 @pytest.mark.parametrize("script", SCRIPTS, ids=[p.name for p in SCRIPTS])
-def test_every_script_parses_with_the_real_parser(parse, script):
+def test_every_script_parses_with_the_real_parser(parse, script, demo_data):
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    for args, world in parse_script(parse, script):
+    # DATA is the CPU scripts' data folder; the GPU scripts take DATA_ROOT/DATA_PREFIX instead.
+    for args, world in parse_script(parse, script, env={"DATA": str(demo_data)}):
         model_parallel = (args.tensor_model_parallel_size * args.pipeline_model_parallel_size
                           * args.context_parallel_size)
         assert world % model_parallel == 0
