@@ -11,17 +11,10 @@
 #   About 60 GB of 80 GB. Recomputing 16 layers costs ~1/6 more compute; out of memory ->
 #   --recompute-num-layers 32 (every layer, ~1/3 more than none).
 #
-# Inputs (environment variables; defaults in brackets):
-#   DATA_PREFIX      tokenized PG19 (one document per book), no .bin/.idx suffix
-#                    [$DATA_ROOT/pg19_llama3_text_document, DATA_ROOT=/data]
-#   SHORT_LOSS_PREFIX  the frozen scorer's per-token losses, written by tools/score_data.py
-#                    next to the tokens [${DATA_PREFIX}_short_loss]
-#   CKPT_DIR         the HF model converted to a Megatron torch_dist checkpoint [/checkpoints/llama3-8b-megatron]
-#   TOKENIZER_MODEL  a Hugging Face tokenizer folder [$CKPT_DIR: the converter copies the tokenizer there]
-#   SAVE_DIR         checkpoints of this run; a restart resumes from here [/runs/llama3-8b-64k-precomputed/checkpoints]
-#   TB_DIR           TensorBoard logs [/runs/llama3-8b-64k-precomputed/tensorboard]
-#   GPUS_PER_NODE [8]  NNODES [1]  NODE_RANK [0]  MASTER_ADDR [localhost]  MASTER_PORT [6000]
-#   GLOBAL_BATCH_SIZE [8]  TRAIN_ITERS [240]
+# Inputs (environment variables): as examples/llama3_8b_32k_dense.sh (defaults in
+#   examples/llama3_8b/common.sh), GLOBAL_BATCH_SIZE [8], RUN_DIR [/runs/llama3-8b-64k-precomputed],
+#   and SHORT_LOSS_PREFIX: the frozen scorer's per-token losses, written by tools/score_data.py
+#   next to the tokens [${DATA_PREFIX}_short_loss].
 #
 # Before the first run (once):
 #   python tools/preprocess_data.py --input pg19/ --output-prefix "$DATA_ROOT/pg19_llama3" \
@@ -43,101 +36,16 @@
 # ROTARY_BASE (and convert the checkpoint with the same --rotary-base).
 
 set -euo pipefail
-
-REPO_DIR=${REPO_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
-DATA_ROOT=${DATA_ROOT:-/data}
-DATA_PREFIX=${DATA_PREFIX:-$DATA_ROOT/pg19_llama3_text_document}
-SHORT_LOSS_PREFIX=${SHORT_LOSS_PREFIX:-${DATA_PREFIX}_short_loss}
-CKPT_DIR=${CKPT_DIR:-/checkpoints/llama3-8b-megatron}
-TOKENIZER_MODEL=${TOKENIZER_MODEL:-$CKPT_DIR}
-RUN_DIR=${RUN_DIR:-/runs/llama3-8b-64k-precomputed}
-SAVE_DIR=${SAVE_DIR:-$RUN_DIR/checkpoints}
-TB_DIR=${TB_DIR:-$RUN_DIR/tensorboard}
-
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-MASTER_ADDR=${MASTER_ADDR:-localhost}
-MASTER_PORT=${MASTER_PORT:-6000}
-GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-8}
-TRAIN_ITERS=${TRAIN_ITERS:-240}
-ROTARY_BASE=${ROTARY_BASE:-15300000}
-
-# TP and CP kernels overlap communication with compute only when CUDA keeps one work queue
-# (megatron refuses TP/CP > 1 on Hopper without it).
-export CUDA_DEVICE_MAX_CONNECTIONS=1
-
-DISTRIBUTED_ARGS=(
-    --nproc-per-node "$GPUS_PER_NODE"
-    --nnodes "$NNODES"
-    --node-rank "$NODE_RANK"
-    --master-addr "$MASTER_ADDR"
-    --master-port "$MASTER_PORT"
-)
-
-# Llama-3-8B; RoPE base 500,000 -> ROTARY_BASE for 64k (no rope scaling).
-MODEL_ARGS=(
-    --num-layers 32
-    --hidden-size 4096
-    --ffn-hidden-size 14336
-    --num-attention-heads 32
-    --group-query-attention
-    --num-query-groups 8
-    --kv-channels 128
-    --seq-length 65536
-    --max-position-embeddings 65536
-    --position-embedding-type rope
-    --rotary-base "$ROTARY_BASE"
-    --normalization RMSNorm
-    --norm-epsilon 1e-5
-    --swiglu
-    --disable-bias-linear
-    --untie-embeddings-and-output-weights
-    --attention-softmax-in-fp32
-    --make-vocab-size-divisible-by 128
-    --attention-dropout 0.0
-    --hidden-dropout 0.0
-    --transformer-impl transformer_engine
-    --bf16
-)
-
-TRAINING_ARGS=(
-    --micro-batch-size 1
-    --global-batch-size "$GLOBAL_BATCH_SIZE"
-    --train-iters "$TRAIN_ITERS"
-    --lr 2e-5
-    --min-lr 2e-5
-    --lr-decay-style constant
-    --lr-warmup-iters 20
-    --adam-beta1 0.9
-    --adam-beta2 0.95
-    --adam-eps 1e-8
-    --weight-decay 0.01
-    --clip-grad 1.0
-    --seed 1234
-)
-
-PARALLEL_ARGS=(
-    --tensor-model-parallel-size 4
-    --context-parallel-size 2
-    --cp-comm-type p2p
-    --sequence-parallel
-    --use-distributed-optimizer
-    --overlap-grad-reduce
-    --overlap-param-gather
+RUN_NAME=llama3-8b-64k-precomputed
+SEQ_LENGTH=65536
+GLOBAL_BATCH_SIZE_DEFAULT=8
+EXTRA_PARALLEL_ARGS=(
     --recompute-granularity full
     --recompute-method block
     --recompute-num-layers 16
 )
-
-# One book per sequence: non-overlapping BOS + 65,535-token windows, never packed.
-DATA_ARGS=(
-    --data-path "$DATA_PREFIX"
-    --split "99,1,0"
-    --tokenizer-type HuggingFaceTokenizer
-    --tokenizer-model "$TOKENIZER_MODEL"
-    --tw-long-document-sampling
-)
+source "$(dirname "${BASH_SOURCE[0]}")/llama3_8b/common.sh"
+SHORT_LOSS_PREFIX=${SHORT_LOSS_PREFIX:-${DATA_PREFIX}_short_loss}
 
 # Dense weighting: w = 0.75 + 0.25 * N |d| / sum |d|, d = long loss - short loss, the short
 # loss read from the sidecar dataset (aligned token by token with DATA_PREFIX).
@@ -147,42 +55,4 @@ TW_ARGS=(
     --tw-scorer precomputed
     --tw-short-loss-path "$SHORT_LOSS_PREFIX"
 )
-
-# --pretrained-checkpoint is read only while SAVE_DIR holds no checkpoint (then as a fine-tune:
-# iteration 0, fresh optimizer); afterwards the run resumes from SAVE_DIR.
-CHECKPOINT_ARGS=(
-    --pretrained-checkpoint "$CKPT_DIR"
-    --load "$SAVE_DIR"
-    --save "$SAVE_DIR"
-    --save-interval 60
-    --ckpt-format torch_dist
-)
-
-LOGGING_ARGS=(
-    --log-interval 1
-    --log-throughput
-    --tensorboard-dir "$TB_DIR"
-    --log-timers-to-tensorboard
-    --eval-interval 60
-    --eval-iters 4
-)
-
-LAUNCH=(
-    torchrun "${DISTRIBUTED_ARGS[@]}" "$REPO_DIR/pretrain_tw.py"
-    "${MODEL_ARGS[@]}"
-    "${TRAINING_ARGS[@]}"
-    "${PARALLEL_ARGS[@]}"
-    "${DATA_ARGS[@]}"
-    "${TW_ARGS[@]}"
-    "${CHECKPOINT_ARGS[@]}"
-    "${LOGGING_ARGS[@]}"
-    "$@"
-)
-
-if [[ "${TW_PRINT_ARGS:-0}" == 1 ]]; then
-    printf '%s\0' "${LAUNCH[@]}"
-    printf '\n'
-    exit 0
-fi
-mkdir -p "$SAVE_DIR" "$TB_DIR"
-exec "${LAUNCH[@]}"
+tw_launch "$@"

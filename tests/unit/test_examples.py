@@ -19,6 +19,7 @@ sees architecture 0, as ``runtime.cpu`` makes it see on a CPU).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -124,13 +125,25 @@ def parse(monkeypatch):
     return _parse
 
 
+def script_text(script: Path) -> str:
+    """``script``'s text followed by that of every file under examples/ it sources."""
+    text = script.read_text()
+    for line in text.splitlines():
+        found = re.match(r"\s*(?:source|\.)\s.*?([\w.-]+/[\w.-]+\.sh)\"?\s*$", line)
+        if found:
+            sourced = EXAMPLES / found.group(1)
+            assert sourced.is_file(), f"{script.name}: {line.strip()}: no {sourced}"
+            text += sourced.read_text()
+    return text
+
+
 def parse_script(parse, script: Path, *extra: str, env: dict | None = None):
     """Every launch of ``script``, parsed: a list of (args, world_size)."""
     out = []
     for fields in launches(script, *extra, env=env):
         launcher, argv = split_launch(fields)
         world = world_size(launcher)
-        out.append((parse(argv, world, targets_gpu(argv), script.read_text()), world))
+        out.append((parse(argv, world, targets_gpu(argv), script_text(script)), world))
     return out
 
 
