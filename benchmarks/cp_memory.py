@@ -2,9 +2,9 @@
 
 Counts the bytes autograd saves for the backward pass during the trainee's forward (the
 activations; parameters excluded), per rank, with ``torch.autograd.graph.saved_tensors_hooks``
-(storages counted once). What does not halve with CP on this (CPU, local-spec) path: the K/V
-all-gathered per layer and the causal mask SDPA materialises for a chunk's rectangular block;
-Transformer Engine's ring attention on GPUs keeps neither.
+(storages counted once). With CP each rank keeps its own tokens' activations plus the K/V
+all-gathered per layer ([s, b, ng, hn], small next to the rest); the causal attention of a
+rank's chunks keeps nothing quadratic in s (megatron_tw/model/chunk_attention.py).
 Run:   python benchmarks/cp_memory.py [--seq-length 4096]
 It launches itself under torchrun with 1 and 2 processes and prints the per-rank ratio.
 """

@@ -9,8 +9,9 @@ rounding). It also serves CP = 1 and sliding-window attention (``config.window_s
 short-context scorer uses: a query at position p sees keys p-left .. p.
 
 It is meant for CPU runs and tests. On GPUs the TE spec provides fused kernels and ring (p2p)
-communication; this module gathers K/V of size [s, b, ng, hn] per layer, never [s, s] logits
-beyond the local [s/CP, s] block.
+communication; this module gathers K/V of size [s, b, ng, hn] per layer and, for causal attention, keeps
+nothing quadratic in s (chunk_attention.py); sliding-window attention (scoring, no gradient)
+builds its [s/CP, s] mask per layer.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 from megatron.core import tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
+
+from megatron_tw.model.chunk_attention import chunk_causal_attention
 
 
 def load_balanced_positions(seq_len_local: int, cp_size: int, cp_rank: int,
@@ -135,16 +137,15 @@ class ContextParallelDotProductAttention(MegatronModule):
             elif cp == 1:
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
                                                      scale=self.softmax_scale, enable_gqa=gqa)
-            else:  # each local chunk attends to the keys up to its end, causal lower-right:
-                # no [s/CP, s] mask is materialised (nor saved for the backward pass)
+            else:  # each local chunk attends to the keys up to its end, causal lower-right,
+                # with no [s/CP, s] mask materialised (see chunk_attention)
                 chunk = sq // 2
                 outs = []
                 for i in range(2):
                     end = int(q_pos[i * chunk + chunk - 1]) + 1
-                    outs.append(F.scaled_dot_product_attention(
+                    outs.append(chunk_causal_attention(
                         q[:, :, i * chunk:(i + 1) * chunk], k[:, :, :end], v[:, :, :end],
-                        attn_mask=causal_lower_right(chunk, end), dropout_p=dropout,
-                        scale=self.softmax_scale, enable_gqa=gqa))
+                        self.softmax_scale, dropout))
                 out = torch.cat(outs, dim=2)
         # [b, n, sq, h] -> [sq, b, n * h]
         return out.permute(2, 0, 1, 3).reshape(sq, out.shape[0], -1)
