@@ -12,7 +12,9 @@ import time
 _PROGRAM_START = time.time()
 
 
-def main(argv=None) -> None:
+def main(argv=None, wrap_forward_step=None) -> None:
+    """``wrap_forward_step``: forward_step -> forward_step (benchmarks/preset_overhead.py uses it
+    to change the weighting preset from one iteration to the next)."""
     from megatron_tw import runtime
 
     runtime.prepare()  # before megatron parses flags: argument validation queries the device
@@ -31,6 +33,8 @@ def main(argv=None) -> None:
     except ConfigError as err:
         sys.exit(f"pretrain_tw.py: error: {err}")
     set_startup_timestamps(program_start=_PROGRAM_START, main_entry=time.time())
+    if wrap_forward_step is not None:
+        forward_step = wrap_forward_step(forward_step)
     pretrain(
         pretrain_cfg_container_from_args(args),
         train_valid_test_datasets_provider,

@@ -1,8 +1,8 @@
 """Training step time of each weighting preset and scorer, against uniform, side by side.
 
 Every row is a real ``pretrain_tw.py`` run on the same model, data and seed (one process), timed
-from megatron's per-iteration log; the table gives the median step time after warm-up and its
-ratio to the uniform run of the same invocation. Rows:
+from megatron's per-iteration log; the table gives each row's fastest and median step time after
+warm-up and their ratios to the uniform row of the same invocation. Rows:
   * each preset with the same precomputed short-context losses (the weighting's own cost),
   * the scorers with the dense preset: precomputed, a frozen scorer ~1/4 of the trainee's size,
     self with sliding-window scoring at sequence length 4W, self with the reference's windows.
@@ -37,18 +37,26 @@ def trainee(seq: int) -> list[str]:
             "--eval-interval", "100000"]
 
 
-def make_scorer(path: str) -> float:
-    """A frozen HF scorer with the trainee's vocabulary; returns its parameter count."""
-    import torch
+def llama(hidden: int, ffn: int, layers: int, heads: int):
+    """An untied HF Llama with the trainee's vocabulary and 2 K/V heads."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=2048, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=2048, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=8192,
         tie_word_embeddings=False))
-    model.save_pretrained(path)
-    return sum(p.numel() for p in model.parameters())
+
+
+def make_scorer(path: str) -> float:
+    """Saves the frozen scorer; returns its size as a fraction of the trainee's parameters."""
+    import torch
+
+    torch.manual_seed(0)
+    scorer = llama(128, 352, 3, 4)
+    scorer.save_pretrained(path)
+    trainee_model = llama(256, 704, 4, 8)  # the architecture of trainee(), for its size
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return count(scorer) / count(trainee_model)
 
 
 def run(script: str, args: list[str], timeout: int = 1800) -> str:
@@ -61,11 +69,11 @@ def run(script: str, args: list[str], timeout: int = 1800) -> str:
     return out.stdout
 
 
-def step_ms(log: str, warmup: int) -> float:
-    times = [float(t) for it, t in re.findall(
+def step_times(log: str, warmup: int) -> list[float]:
+    """Per-iteration wall times (ms) after ``warmup`` iterations, from megatron's log."""
+    return [float(t) for it, t in re.findall(
         r"iteration\s+(\d+)/\s*\d+ \|.*?elapsed time per iteration \(ms\): ([0-9.]+)", log)
         if int(it) > warmup]
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -74,14 +82,15 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seq-length", type=int, default=1024)
     p.add_argument("--rounds", type=int, default=3,
-                   help="run every row this many times, interleaved; report the fastest median "
-                        "(on a shared machine other jobs only ever slow a run down)")
+                   help="run every row this many times, interleaved (rows see the same machine "
+                        "conditions); the ratio uses each row's fastest step over all rounds: on "
+                        "a shared machine other jobs only ever slow a step down")
     p.add_argument("--out", default=None, help="also write the table to this file")
     a = p.parse_args()
     W = a.seq_length // 4
     tmp = tempfile.mkdtemp(prefix="tw-bench-")
     scorer = os.path.join(tmp, "scorer")
-    scorer_params = make_scorer(scorer)
+    scorer_fraction = make_scorer(scorer)
     base = trainee(a.seq_length) + ["--train-iters", str(a.iters)]
     sidecar = ["--tw-short-loss-path", os.path.join(tmp, "short_loss"),
                "--tw-short-context", str(W), "--tw-short-mode", "sliding"]
@@ -102,19 +111,23 @@ def main() -> None:
     rows.append((f"dense, self scorer, windows W={W} S={W // 2}",
                  base + ["--tw-preset", "dense", "--tw-scorer", "self", "--tw-short-context",
                          str(W), "--tw-short-mode", "windows", "--tw-short-stride", str(W // 2)]))
-    best = {name: float("inf") for name, _ in rows}
+    times = {name: [] for name, _ in rows}
     for r in range(a.rounds):
         for name, args in rows:
-            ms = step_ms(run("pretrain_tw.py", args), a.warmup)
-            best[name] = min(best[name], ms)
-            print(f"  round {r + 1}: {name}: {ms:.1f} ms", flush=True)
-    results = [(name, best[name]) for name, _ in rows]
-    uniform = results[0][1]
-    lines = [f"seq {a.seq_length}, trainee 4x256 (vocab 2048), frozen scorer "
-             f"{scorer_params / 1e6:.2f}M params; median step after {a.warmup} warm-up steps of "
-             f"{a.iters}, fastest of {a.rounds} interleaved rounds, one CPU process", "",
-             "| run | step (ms) | ratio to uniform |", "|---|---|---|"]
-    lines += [f"| {name} | {ms:.1f} | {ms / uniform:.3f} |" for name, ms in results]
+            got = step_times(run("pretrain_tw.py", args), a.warmup)
+            times[name] += got
+            print(f"  round {r + 1}: {name}: median {statistics.median(got):.1f} ms, "
+                  f"fastest {min(got):.1f} ms", flush=True)
+    fastest = {name: min(t) for name, t in times.items()}
+    median = {name: statistics.median(t) for name, t in times.items()}
+    uniform, uniform_median = fastest["uniform"], median["uniform"]
+    lines = [f"seq {a.seq_length}, trainee 4x256 (vocab 2048), frozen scorer 3x128 "
+             f"({scorer_fraction:.2f} of the trainee's parameters); {a.iters - a.warmup} timed steps (after "
+             f"{a.warmup} warm-up) x {a.rounds} interleaved rounds per row, one CPU process", "",
+             "| run | fastest step (ms) | ratio to uniform | median step (ms) | ratio of medians |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {name} | {fastest[name]:.1f} | {fastest[name] / uniform:.3f} | "
+              f"{median[name]:.1f} | {median[name] / uniform_median:.3f} |" for name, _ in rows]
     table = "\n".join(lines)
     print(table)
     if a.out:
