@@ -42,10 +42,8 @@ class _PrefixDiagonalAttention(torch.autograd.Function):
         if start > 0:
             out_prefix, lse_prefix = _flash_forward(q, k[:, :, :start], v[:, :, :start], 0.0,
                                                     False, scale=scale)
-            merged = torch.logaddexp(lse_prefix, lse)  # [b, n, c], float32
-            out = (torch.exp(lse_prefix - merged)[..., None] * out_prefix.float()
-                   + torch.exp(lse - merged)[..., None] * out.float()).to(q.dtype)
-            lse = merged
+            out, lse = _merge(out_prefix, lse_prefix, out, lse)  # lse [b, n, c], float32
+            out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale = scale
         return out
@@ -78,3 +76,43 @@ def chunk_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     # takes the (dense) mask instead.
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(c, end),
                                           dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
+
+
+def _merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor):
+    """Softmax over the union of two disjoint key sets from each set's (output, log-sum-exp)."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    out = (torch.exp(lse_a - lse)[..., None] * out_a.float()
+           + torch.exp(lse_b - lse)[..., None] * out_b.float())
+    return out, lse
+
+
+@torch.no_grad()
+def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                             left: int, scale: float) -> torch.Tensor:
+    """Forward-only sliding-window causal attention on the CPU (the short-context scoring pass).
+
+    q [b, n, c, h] are the queries at positions start .. start + c - 1, k/v [b, ng, s, h] the keys
+    at positions 0 .. s - 1 (s >= start + c); a query at p sees keys p - left .. p. Returns
+    [b, n, c, h]. The queries go in blocks of ``left`` (or fewer); a block at [a, e) attends to
+    its own keys [a, e) with the causal flash kernel and to the ``left`` keys before it with a
+    [e - a, left] additive mask (key j visible to query p iff j >= p - left); the two are merged by
+    log-sum-exp. Work per query: about 1.5 x left keys instead of all s keys under a dense
+    [c, s] mask, and nothing of size c x s is built.
+    """
+    block = max(1, min(left, q.shape[2]))
+    outs = []
+    for a in range(0, q.shape[2], block):
+        e = min(a + block, q.shape[2])
+        qa, pa, pe = q[:, :, a:e], start + a, start + e  # global query positions [pa, pe)
+        out, lse = _flash_forward(qa, k[:, :, pa:pe], v[:, :, pa:pe], 0.0, True, scale=scale)
+        lo = max(0, pa - left)
+        if lo < pa:
+            query_pos = torch.arange(pa, pe)[:, None]
+            key_pos = torch.arange(lo, pa)[None, :]
+            bias = torch.zeros(pe - pa, pa - lo, dtype=q.dtype).masked_fill(
+                key_pos < query_pos - left, float("-inf"))
+            out_left, lse_left = _flash_forward(qa, k[:, :, lo:pa], v[:, :, lo:pa], 0.0, False,
+                                                attn_mask=bias, scale=scale)
+            out, lse = _merge(out_left, lse_left, out, lse)
+        outs.append(out.to(q.dtype))
+    return torch.cat(outs, dim=2)

@@ -10,8 +10,8 @@ short-context scorer uses: a query at position p sees keys p-left .. p.
 
 It is meant for CPU runs and tests. On GPUs the TE spec provides fused kernels and ring (p2p)
 communication; this module gathers K/V of size [s, b, ng, hn] per layer and, for causal attention, keeps
-nothing quadratic in s (chunk_attention.py); sliding-window attention (scoring, no gradient)
-builds its [s/CP, s] mask per layer.
+nothing quadratic in s (chunk_attention.py); so does the forward-only sliding-window pass of the
+short-context scorer on the CPU (with gradients, or on CUDA, sliding windows use a [s/CP, s] mask).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
-from megatron_tw.model.chunk_attention import chunk_causal_attention
+from megatron_tw.model.chunk_attention import chunk_causal_attention, sliding_window_attention
 
 
 def load_balanced_positions(seq_len_local: int, cp_size: int, cp_rank: int,
@@ -102,6 +102,12 @@ class ContextParallelDotProductAttention(MegatronModule):
         if self.window is not None and self.window[1] not in (0, -1):
             raise ValueError("causal sliding-window attention needs window_size (left, 0)")
 
+    def _blockwise_window(self, q: torch.Tensor, dropout: float) -> bool:
+        """The forward-only blockwise kernel serves this call: CPU, no gradient, no dropout,
+        a finite window."""
+        return (q.device.type == "cpu" and not torch.is_grad_enabled() and dropout == 0.0
+                and self.window[0] >= 0)
+
     def _mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         allowed = k_pos[None, :] <= q_pos[:, None]
         if self.window is not None and self.window[0] >= 0:
@@ -130,7 +136,13 @@ class ContextParallelDotProductAttention(MegatronModule):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         dropout = self.dropout_p if self.training else 0.0
         with tensor_parallel.get_cuda_rng_tracker().fork():
-            if self.window is not None:  # sliding window (scoring): an explicit mask
+            if self.window is not None and self._blockwise_window(q, dropout):
+                # the scoring pass on the CPU: blocks of queries, nothing of size [sq, sk]
+                runs = [(0, sq)] if cp == 1 else [(0, sq // 2), (sq // 2, sq)]
+                out = torch.cat([sliding_window_attention(
+                    q[:, :, a:e], k, v, int(q_pos[a]), self.window[0], self.softmax_scale)
+                    for a, e in runs], dim=2)
+            elif self.window is not None:  # with gradients, or CUDA: an explicit mask
                 out = F.scaled_dot_product_attention(
                     q, k, v, attn_mask=self._mask(q_pos, k_pos), dropout_p=dropout,
                     scale=self.softmax_scale, enable_gqa=gqa)

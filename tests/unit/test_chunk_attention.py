@@ -1,12 +1,13 @@
-"""chunk_causal_attention (the CP chunk's attention on the CPU) against a float64 softmax written
-here from the definition, forward and backward, and what it keeps for the backward pass."""
+"""chunk_causal_attention (the CP chunk's attention on the CPU) and sliding_window_attention (the
+scoring pass on the CPU) against a float64 softmax written here from the definition: forward and
+backward, and what is kept for the backward pass."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from megatron_tw.model.chunk_attention import chunk_causal_attention
+from megatron_tw.model.chunk_attention import chunk_causal_attention, sliding_window_attention
 
 pytestmark = pytest.mark.unit
 
@@ -86,3 +87,44 @@ def test_nothing_quadratic_is_kept_for_the_backward_pass():
         q, k, v, attn_mask=causal_lower_right(c, end), scale=0.5))
     assert max(dense) >= c * end  # the check can see a dense mask when one is kept
     assert max(ours) < c * end / 16, ours
+
+
+def window_reference(q, k, v, start, left, scale):
+    """float64: query i at position start + i sees keys start + i - left .. start + i."""
+    q, k, v = (t.double() for t in (q, k, v))
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    qp = torch.arange(start, start + q.shape[2])[:, None]
+    kp = torch.arange(k.shape[2])[None, :]
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill((kp > qp) | (kp < qp - left),
+                                                            float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("start,c,s,left", [
+    (0, 32, 32, 8),     # one chunk, whole sequence, several query blocks
+    (0, 32, 32, 5),     # blocks that do not divide the chunk
+    (16, 8, 40, 4),     # a CP chunk in the middle, keys beyond it
+    (24, 16, 40, 100),  # a window longer than the sequence: plain causal
+    (8, 8, 16, 0),      # a window of one token: each query sees itself
+    (10, 12, 22, 11),
+])
+@pytest.mark.parametrize("n,ng", [(4, 4), (4, 2)])
+def test_sliding_window_equals_the_float64_softmax(start, c, s, left, n, ng):
+    g = torch.Generator().manual_seed(start + c + s + left + ng)
+    q = torch.randn(c, 2, n, 16, generator=g).permute(1, 2, 0, 3)
+    k = torch.randn(s, 2, ng, 16, generator=g).permute(1, 2, 0, 3)
+    v = torch.randn(s, 2, ng, 16, generator=g).permute(1, 2, 0, 3)
+    out = sliding_window_attention(q, k, v, start=start, left=left, scale=0.25)
+    assert out.shape == (2, n, c, 16)
+    torch.testing.assert_close(out.double(), window_reference(q, k, v, start, left, 0.25),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_sliding_window_in_bfloat16():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 64, 32, generator=g).to(torch.bfloat16) for _ in range(3))
+    out = sliding_window_attention(q, k, v, start=0, left=16, scale=32 ** -0.5)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), window_reference(q, k, v, 0, 16, 32 ** -0.5),
+                               rtol=2e-2, atol=2e-2)
