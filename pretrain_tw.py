@@ -13,8 +13,8 @@ _PROGRAM_START = time.time()
 
 
 def main(argv=None, wrap_forward_step=None) -> None:
-    """``wrap_forward_step``: forward_step -> forward_step (benchmarks/preset_overhead.py uses it
-    to change the weighting preset from one iteration to the next)."""
+    """``wrap_forward_step``: forward_step -> forward_step; benchmarks/interleaved_steps.py
+    uses it to change the weighting preset or scorer from one iteration to the next."""
     from megatron_tw import runtime
 
     runtime.prepare()  # before megatron parses flags: argument validation queries the device
