@@ -115,7 +115,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help="also write the table to this file")
     a = p.parse_args()
 
-    from step_time import make_scorer, run, step_times, trainee
+    from step_time import emit, make_scorer, run, step_times, trainee
 
     tmp = tempfile.mkdtemp(prefix="tw-interleaved-")
     scorer_dir = os.path.join(tmp, "scorer")
@@ -162,11 +162,7 @@ def main() -> None:
              "| 1.000 |"]
     lines += [f"| {name} | {statistics.median(steps[name]):.1f} | "
               f"{statistics.median(ratios[name]):.3f} |" for name in names[1:]]
-    table = "\n".join(lines)
-    print(table)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(table + "\n")
+    emit(lines, a.out)
 
 
 if __name__ == "__main__":

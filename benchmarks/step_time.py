@@ -69,6 +69,15 @@ def run(script: str, args: list[str], timeout: int = 1800) -> str:
     return out.stdout
 
 
+def emit(lines: list[str], out: str | None) -> None:
+    """Print the table; also write it to ``out`` when given."""
+    table = "\n".join(lines)
+    print(table)
+    if out:
+        with open(out, "w") as f:
+            f.write(table + "\n")
+
+
 def step_times(log: str, warmup: int) -> list[float]:
     """Per-iteration wall times (ms) after ``warmup`` iterations, from megatron's log."""
     return [float(t) for it, t in re.findall(
@@ -128,11 +137,7 @@ def main() -> None:
              "|---|---|---|---|---|"]
     lines += [f"| {name} | {fastest[name]:.1f} | {fastest[name] / uniform:.3f} | "
               f"{median[name]:.1f} | {median[name] / uniform_median:.3f} |" for name, _ in rows]
-    table = "\n".join(lines)
-    print(table)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(table + "\n")
+    emit(lines, a.out)
 
 
 if __name__ == "__main__":
