@@ -287,7 +287,7 @@ def install_step_guard() -> None:
     _GUARD_INSTALLED = True
 
 
-def reset_step_record() -> Optional[dict]:
+def reset_step_record() -> dict:
     """Clear and return what the current step recorded (for tests driving the checks directly)."""
     global _CONSECUTIVE_SKIPS
     found = dict(_STEP.found)

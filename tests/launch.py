@@ -120,3 +120,14 @@ def write_random_corpus(prefix, *, n_docs: int = 200, vocab: int = 128, min_len:
         builder.add_document(torch.from_numpy(doc), [len(doc)])
     builder.finalize(f"{prefix}.idx")
     return str(prefix)
+
+
+def train_small_sentencepiece(prefix) -> str:
+    """A real 100-piece BPE SentencePiece model trained on a few lines, written to
+    ``prefix``.model; returns that path (for tests that need a tokenizer file, not its quality)."""
+    import sentencepiece as spm
+
+    lines = [f"It was the best of times, it was the worst of times {i}." for i in range(200)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(prefix),
+                                   vocab_size=100, model_type="bpe", minloglevel=2)
+    return f"{prefix}.model"

@@ -42,6 +42,16 @@ def load_balanced_positions(seq_len_local: int, cp_size: int, cp_rank: int,
     return torch.cat([first, second])
 
 
+def _query_runs(sq: int, cp_size: int, cp_rank: int) -> list[tuple[int, int, int]]:
+    """(local start, local end, global start) of each contiguous run of a rank's sq queries:
+    the whole sequence without CP, else its two load-balanced chunks (load_balanced_positions).
+    Plain integers: no device tensor is read back to the host."""
+    if cp_size == 1:
+        return [(0, sq, 0)]
+    chunk = sq // 2
+    return [(0, chunk, cp_rank * chunk), (chunk, sq, (2 * cp_size - 1 - cp_rank) * chunk)]
+
+
 class _AllGatherSeq(torch.autograd.Function):
     """All-gather along dim 0 over ``group`` in rank order; backward returns this rank's slice
     of the summed gradient (every rank's queries may use every rank's keys)."""
@@ -122,13 +132,11 @@ class ContextParallelDotProductAttention(MegatronModule):
                              "spec (--transformer-impl transformer_engine)")
         sq = query.shape[0]
         cp = self.cp_group.size() if self.cp_group is not None else 1
+        rank = self.cp_group.rank() if cp > 1 else 0
         if cp > 1:
             key = _to_global_order(_AllGatherSeq.apply(key, self.cp_group), cp)
             value = _to_global_order(_AllGatherSeq.apply(value, self.cp_group), cp)
-            q_pos = load_balanced_positions(sq, cp, self.cp_group.rank(), query.device)
-        else:
-            q_pos = torch.arange(sq, device=query.device)
-        k_pos = torch.arange(key.shape[0], device=query.device)
+        runs = _query_runs(sq, cp, rank)
 
         # grouped-query attention: SDPA shares each K/V head without expanding it (enable_gqa)
         gqa = self.heads > self.groups
@@ -138,11 +146,13 @@ class ContextParallelDotProductAttention(MegatronModule):
         with tensor_parallel.get_cuda_rng_tracker().fork():
             if self.window is not None and self._blockwise_window(q, dropout):
                 # the scoring pass on the CPU: blocks of queries, nothing of size [sq, sk]
-                runs = [(0, sq)] if cp == 1 else [(0, sq // 2), (sq // 2, sq)]
                 out = torch.cat([sliding_window_attention(
-                    q[:, :, a:e], k, v, int(q_pos[a]), self.window[0], self.softmax_scale)
-                    for a, e in runs], dim=2)
+                    q[:, :, a:e], k, v, start, self.window[0], self.softmax_scale)
+                    for a, e, start in runs], dim=2)
             elif self.window is not None:  # with gradients, or CUDA: an explicit mask
+                q_pos = (load_balanced_positions(sq, cp, rank, query.device) if cp > 1
+                         else torch.arange(sq, device=query.device))
+                k_pos = torch.arange(key.shape[0], device=query.device)
                 out = F.scaled_dot_product_attention(
                     q, k, v, attn_mask=self._mask(q_pos, k_pos), dropout_p=dropout,
                     scale=self.softmax_scale, enable_gqa=gqa)
@@ -151,13 +161,8 @@ class ContextParallelDotProductAttention(MegatronModule):
                                                      scale=self.softmax_scale, enable_gqa=gqa)
             else:  # each local chunk attends to the keys up to its end, causal lower-right,
                 # with no [s/CP, s] mask materialised (see chunk_attention)
-                chunk = sq // 2
-                outs = []
-                for i in range(2):
-                    end = int(q_pos[i * chunk + chunk - 1]) + 1
-                    outs.append(chunk_causal_attention(
-                        q[:, :, i * chunk:(i + 1) * chunk], k[:, :, :end], v[:, :, :end],
-                        self.softmax_scale, dropout))
-                out = torch.cat(outs, dim=2)
+                out = torch.cat([chunk_causal_attention(
+                    q[:, :, a:e], k[:, :, :start + e - a], v[:, :, :start + e - a],
+                    self.softmax_scale, dropout) for a, e, start in runs], dim=2)
         # [b, n, sq, h] -> [sq, b, n * h]
         return out.permute(2, 0, 1, 3).reshape(sq, out.shape[0], -1)

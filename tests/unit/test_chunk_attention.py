@@ -128,3 +128,18 @@ def test_sliding_window_in_bfloat16():
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), window_reference(q, k, v, 0, 16, 32 ** -0.5),
                                rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("cp", [1, 2, 4])
+def test_query_runs_are_the_load_balanced_positions(cp):
+    """The CP attention's integer (local, global) runs name the positions the batch split gives
+    each rank."""
+    from megatron_tw.model.cp_attention import _query_runs, load_balanced_positions
+
+    for rank in range(cp):
+        sq = 48 // cp
+        positions = load_balanced_positions(sq, cp, rank) if cp > 1 else torch.arange(sq)
+        runs = _query_runs(sq, cp, rank)
+        assert [a for a, _, _ in runs][0] == 0 and runs[-1][1] == sq
+        for a, e, start in runs:
+            assert positions[a:e].tolist() == list(range(start, start + e - a)), (rank, a)

@@ -15,6 +15,7 @@ import torch
 from megatron_tw.checkpoint import convert
 from megatron_tw.checkpoint.families import ConversionError, megatron_args_from_hf_config
 from tests.distributed.convert_cases import make_hf_model
+from tests.launch import train_small_sentencepiece
 
 pytestmark = pytest.mark.unit
 
@@ -30,13 +31,7 @@ def _cli():
 
 @pytest.fixture(scope="module")
 def sentencepiece_model(tmp_path_factory):
-    import sentencepiece as spm
-
-    prefix = tmp_path_factory.mktemp("spm") / "tok"
-    text = [f"It was the best of times, it was the worst of times {i}." for i in range(200)]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(prefix),
-                                   vocab_size=100, model_type="bpe", minloglevel=2)
-    return str(prefix) + ".model"
+    return train_small_sentencepiece(tmp_path_factory.mktemp("spm") / "tok")
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch import ROOT
+from tests.launch import ROOT, train_small_sentencepiece
 
 pytestmark = pytest.mark.unit
 
@@ -159,14 +159,9 @@ def demo_data(tmp_path_factory):
     """A stand-in for the CPU scripts' ``DATA`` folder (data/demo, built by
     tools/build_demo_data.py and absent on a fresh checkout): the start-up checks open the
     SentencePiece model the scripts name, so it holds a real one, trained here on a few lines."""
-    import sentencepiece as spm
-
     root = tmp_path_factory.mktemp("demo")
     (root / "tokenizer").mkdir()
-    lines = [f"It was the best of times, it was the worst of times {i}." for i in range(200)]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines),
-                                   model_prefix=str(root / "tokenizer" / "tokenizer"),
-                                   vocab_size=100, model_type="bpe", minloglevel=2)
+    train_small_sentencepiece(root / "tokenizer" / "tokenizer")
     return root
 
 
