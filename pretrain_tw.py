@@ -15,32 +15,45 @@ _PROGRAM_START = time.time()
 def main(argv=None, wrap_forward_step=None) -> None:
     """``wrap_forward_step``: forward_step -> forward_step; benchmarks/interleaved_steps.py
     uses it to change the weighting preset or scorer from one iteration to the next."""
+    from functools import partial
+
     from megatron_tw import runtime
 
     runtime.prepare()  # before megatron parses flags: argument validation queries the device
 
     from megatron.core.enums import ModelType
-    from megatron.training import pretrain, set_startup_timestamps
+    from megatron.training import get_tokenizer, pretrain, set_startup_timestamps
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
 
     from megatron_tw.arguments import ConfigError, parse_and_validate_args
     from megatron_tw.data.provider import train_valid_test_datasets_provider
     from megatron_tw.model.provider import model_provider
-    from megatron_tw.step import forward_step
+    from megatron_tw.reliability import install_step_guard
+    from megatron_tw.scoring.scorers import build_scorer, special_token
+    from megatron_tw.step import forward_step, scorer_setup_hook
 
     try:
         args = parse_and_validate_args(argv)
     except ConfigError as err:
         sys.exit(f"pretrain_tw.py: error: {err}")
     set_startup_timestamps(program_start=_PROGRAM_START, main_entry=time.time())
+
+    # The run's side effects, all here: the optimizer-step guard (a patch of megatron.training's
+    # optimizer builder) and the scorer, built once (its model in the model-provider hook).
+    if args.tw_check_nonfinite:
+        install_step_guard()
+    tokenizer = get_tokenizer()
+    scorer = build_scorer(args, bos_id=special_token(tokenizer, "bos"),
+                          vocab_size=tokenizer.vocab_size)
+    step = partial(forward_step, scorer=scorer)
     if wrap_forward_step is not None:
-        forward_step = wrap_forward_step(forward_step)
+        step = wrap_forward_step(step)
     pretrain(
         pretrain_cfg_container_from_args(args),
         train_valid_test_datasets_provider,
         ModelType.encoder_or_decoder,
-        forward_step,
-        model_provider=model_provider,
+        step,
+        model_provider=scorer_setup_hook(model_provider, scorer),
     )
 
 

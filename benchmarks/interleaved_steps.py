@@ -65,19 +65,20 @@ def rows_of(compare: str, scorer_dir: str, window: int) -> dict:
 
 def cycling(rows: dict):
     """Wraps forward_step: each iteration first takes its row's weighting config, flags and
-    scorer (one scorer object per row, built on first use, as a run builds its own)."""
+    scorer (one scorer object per row, built on first use and passed to forward_step)."""
 
     def wrap(forward_step):
-        from megatron.training import get_args
+        from megatron.core.utils import unwrap_model
+        from megatron.training import get_args, get_tokenizer
 
-        from megatron_tw.scoring import scorers
+        from megatron_tw.scoring.scorers import build_scorer, special_token
         from megatron_tw.weighting import build_weighting_config
 
         names = list(rows)
         configs = {name: build_weighting_config(rows[name][0]) for name in names}
         built = {}
 
-        def step(*args, **kwargs):
+        def step(data_iterator, model, *args, **kwargs):
             megatron_args = get_args()
             name = names[(megatron_args.curr_iteration // REPEAT) % len(names)]
             megatron_args.tw_weighting = configs[name]
@@ -86,12 +87,16 @@ def cycling(rows: dict):
                 if name not in built:
                     row_args = copy.copy(megatron_args)
                     vars(row_args).update(overrides)
-                    built[name] = (row_args, scorers.SCORERS[row_args.tw_scorer](row_args))
+                    tokenizer = get_tokenizer()
+                    scorer = build_scorer(row_args, bos_id=special_token(tokenizer, "bos"),
+                                          vocab_size=tokenizer.vocab_size)
+                    scorer.setup(unwrap_model(model))
+                    built[name] = (row_args, scorer)
                 row_args, scorer = built[name]
                 for key in ("tw_scorer", "tw_short_mode", "tw_short_stride"):
                     setattr(megatron_args, key, getattr(row_args, key))
-                scorers._SCORER = scorer
-            return forward_step(*args, **kwargs)
+                kwargs["scorer"] = scorer
+            return forward_step(data_iterator, model, *args, **kwargs)
 
         return step
 

@@ -1,10 +1,16 @@
 """Command-line arguments: every Megatron flag, plus the ``--tw-*`` groups, validated once.
 
 ``parse_and_validate_args`` is megatron.training's ``parse_and_validate_args`` with two additions:
-machine-aware defaults (a CPU machine defaults to the local layer spec, gloo and no CUDA fusions,
-so the same command works on a laptop and a cluster) and start-up checks that turn requests this
-machine cannot serve into one clear message naming the flag, instead of a stack trace from deep
-inside megatron or Transformer Engine.
+machine-aware defaults (runtime/machine.py: a CPU machine defaults to the local layer spec, gloo
+and no CUDA fusions, so the same command works on a laptop and a cluster) and start-up checks
+that turn requests this machine cannot serve into one clear message naming the flag, instead of a
+stack trace from deep inside megatron or Transformer Engine.
+
+Every flag group and every step is in the two lists below, in order. A step is a *check* (raises
+ValueError/ConfigError naming the flag and the fix, changes nothing) or a *resolve* (returns the
+settings the flags imply, e.g. a default stride; ``parse_and_validate_args`` applies them, the
+only place here that writes to ``args``). Installing patches (the optimizer-step guard) is not
+parsing: ``pretrain_tw.main`` does it.
 """
 
 from __future__ import annotations
@@ -14,68 +20,64 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from megatron_tw import runtime
+from megatron_tw.data.arguments import add_data_args, validate_data_args
+from megatron_tw.errors import ConfigError
+from megatron_tw.reliability.arguments import (
+    add_reliability_args,
+    resolve_reliability_args,
+    validate_reliability_args,
+)
+from megatron_tw.reliability.preflight import check_run_files
+from megatron_tw.runtime.machine import Machine, cpu_mode_refused, megatron_defaults
+from megatron_tw.scoring.arguments import (
+    add_scoring_args,
+    resolve_scoring_args,
+    validate_scoring_args,
+)
+from megatron_tw.weighting import add_weighting_args, weighting_config_from_args
 
+__all__ = ["ConfigError", "parse_and_validate_args", "add_tw_args", "FLAG_GROUPS", "STEPS"]
 
-class ConfigError(ValueError):
-    """A flag combination that cannot work; the message names the flag and the fix."""
+CHECK, RESOLVE = "check", "resolve"
 
-
-# Extra argument groups, each ``add(parser) -> parser``; a new --tw-* group registers here.
-ARG_GROUPS: list[Callable[[argparse.ArgumentParser], argparse.ArgumentParser]] = []
-# Checks run on the parsed args before megatron's own validation; each raises ConfigError.
-ARG_CHECKS: list[Callable[[argparse.Namespace], None]] = []
+# Extra argument groups, each ``add(parser) -> parser``, in --help order.
+FLAG_GROUPS: list[Callable[[argparse.ArgumentParser], argparse.ArgumentParser]] = [
+    add_weighting_args, add_scoring_args, add_data_args, add_reliability_args]
 
 
 def register_arg_group(fn):
-    ARG_GROUPS.append(fn)
+    """Add a --tw-* flag group (extensions); each group once."""
+    if fn in FLAG_GROUPS:
+        raise ValueError(f"flag group {fn.__name__} is already registered")
+    FLAG_GROUPS.append(fn)
     return fn
-
-
-def register_arg_check(fn):
-    ARG_CHECKS.append(fn)
-    return fn
-
-
-def _cpu_defaults(parser: argparse.ArgumentParser) -> None:
-    """Defaults for a machine without CUDA. Each can still be overridden; the checks below
-    reject overrides that cannot work here."""
-    parser.set_defaults(
-        transformer_impl="local",           # TE needs CUDA
-        distributed_backend="gloo",         # NCCL needs CUDA
-        use_cpu_initialization=True,        # also makes initial weights layout-independent
-        gradient_accumulation_fusion=False,  # fused wgrad kernel is CUDA-only
-        apply_rope_fusion=False,
-        masked_softmax_fusion=False,
-        no_persist_layer_norm=True,
-        bias_swiglu_fusion=False,           # jit-fused elementwise kernels target CUDA
-        bias_gelu_fusion=False,
-        bias_dropout_fusion=False,
-    )
 
 
 def add_tw_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """megatron's ``extra_args_provider``: machine defaults and every registered --tw-* group."""
-    # The method's loss is sum(w * mask * loss) / sum(mask) over the whole global batch: megatron's
-    # per-token mode divides once by the global token count (no per-CP-rank bias, upstream #7452).
-    parser.set_defaults(calculate_per_token_loss=True)
-    # Causal attention needs no [s, s] mask tensor: at 32k-128k tokens one would cost GBs.
-    parser.set_defaults(create_attention_mask_in_dataloader=False)
-    if not runtime.cuda_available():
-        _cpu_defaults(parser)
-    elif not runtime.transformer_engine_available():
-        parser.set_defaults(transformer_impl="local")  # a GPU without TE still trains
-    for add in ARG_GROUPS:
+    """megatron's ``extra_args_provider``: this machine's defaults and every --tw-* group."""
+    parser.set_defaults(**megatron_defaults(runtime.this_machine()))
+    for add in FLAG_GROUPS:
         parser = add(parser)
     return parser
 
 
-@register_arg_check
 def check_machine(args: argparse.Namespace) -> None:
-    """Requests the hardware/software here cannot serve."""
-    cuda = runtime.cuda_available()
-    te = runtime.transformer_engine_available()
+    """Requests the hardware/software here cannot serve (this machine: ``runtime.this_machine()``)."""
+    check_flags_on_machine(args, runtime.this_machine())
+
+
+def check_flags_on_machine(args: argparse.Namespace, machine: Machine) -> None:
+    """Requests ``machine`` cannot serve; raises ConfigError naming the flag and the fix."""
+    cuda, te = machine.cuda, machine.te
+    refused = cpu_mode_refused(machine)
+    if refused:
+        raise ConfigError(refused)
+    if machine.te_error and args.transformer_impl == "transformer_engine":
+        raise ConfigError(f"--transformer-impl transformer_engine: Transformer Engine is "
+                          f"installed but does not import ({machine.te_error}); reinstall it as "
+                          "docs/gpu.md shows, or train with --transformer-impl local")
     if args.transformer_impl == "transformer_engine" and not (cuda and te):
-        missing = "a CUDA GPU" if not cuda else "Transformer Engine (pip install 'megatron-tw[gpu]')"
+        missing = "a CUDA GPU" if not cuda else "Transformer Engine (see docs/gpu.md)"
         raise ConfigError(
             f"--transformer-impl transformer_engine needs {missing}; use --transformer-impl local "
             "(megatron's own modules; the default on machines without a GPU)")
@@ -83,7 +85,7 @@ def check_machine(args: argparse.Namespace) -> None:
         missing = "a CUDA GPU (Hopper or newer)" if not cuda else "Transformer Engine"
         raise ConfigError(f"--fp8-format {args.fp8} needs {missing}; drop --fp8-format to train "
                           "in bf16/fp32")
-    capability = runtime.device_capability() if cuda else None
+    capability = machine.capability if cuda else None
     if args.fp8 is not None and capability is not None and tuple(capability) < (8, 9):
         raise ConfigError(f"--fp8-format {args.fp8} needs FP8 tensor cores (compute capability "
                           f">= 8.9: Ada, Hopper or newer); this GPU is "
@@ -101,8 +103,13 @@ def check_machine(args: argparse.Namespace) -> None:
     if args.distributed_backend == "nccl" and not cuda:
         raise ConfigError("--distributed-backend nccl needs CUDA GPUs; use --distributed-backend "
                           "gloo on this machine (the default here)")
+    if args.tw_scorer_fp8 and cuda and te and not machine.fp8:
+        raise ConfigError("--tw-scorer-fp8 needs FP8 tensor cores (compute capability >= 8.9); "
+                          "drop it on this GPU")
     if not cuda:
         for flag, on in (("--log-memory-to-tensorboard", args.log_memory_to_tensorboard),
+                         ("--sequence-parallel (gloo has no reduce-scatter)",
+                          args.sequence_parallel),
                          ("--bf16 with --masked-softmax-fusion", args.bf16 and args.masked_softmax_fusion),
                          ("gradient accumulation fusion", args.gradient_accumulation_fusion),
                          ("--use-distributed-optimizer with --overlap-param-gather",
@@ -111,7 +118,6 @@ def check_machine(args: argparse.Namespace) -> None:
                 raise ConfigError(f"{flag} needs CUDA; remove it on this machine")
 
 
-@register_arg_check
 def check_context_parallel(args: argparse.Namespace) -> None:
     cp = args.context_parallel_size
     if cp > 1 and args.seq_length % (2 * cp) != 0:
@@ -120,34 +126,66 @@ def check_context_parallel(args: argparse.Namespace) -> None:
             f"= {2 * cp} (each CP rank holds two of the 2*CP load-balanced chunks); use e.g. "
             f"--seq-length {(args.seq_length // (2 * cp) + 1) * 2 * cp}")
     comm = args.cp_comm_type if isinstance(args.cp_comm_type, list) else [args.cp_comm_type]
-    heads_per_tp = args.num_attention_heads // args.tensor_model_parallel_size
+    tp = args.tensor_model_parallel_size
+    heads_per_tp = args.num_attention_heads // tp
+    groups = args.num_query_groups if args.group_query_attention else args.num_attention_heads
     if cp > 1 and "a2a" in comm and heads_per_tp % cp != 0:
         raise ConfigError(f"--cp-comm-type a2a scatters attention heads over CP ranks: "
                           f"{heads_per_tp} heads per TP rank are not divisible by "
                           f"--context-parallel-size {cp}; use --cp-comm-type p2p or all_gather")
+    if cp > 1 and "a2a" in comm and (groups // tp) % cp != 0:
+        # TE's a2a scatters the K/V heads as well (one all-to-all per q, k, v).
+        raise ConfigError(f"--cp-comm-type a2a scatters the K/V heads over CP ranks too: "
+                          f"{groups // tp} query groups per TP rank (--num-query-groups {groups} "
+                          f"/ TP {tp}) are not divisible by --context-parallel-size {cp}; use "
+                          "--cp-comm-type p2p or all_gather")
     if cp > 1 and args.transformer_impl == "local" and args.attention_backend.name not in (
             "local", "auto", "unfused"):
         raise ConfigError(f"--attention-backend {args.attention_backend.name} cannot serve "
                           "--context-parallel-size > 1 with --transformer-impl local")
 
 
-def _register_project_groups() -> None:
-    from megatron_tw.data.arguments import add_data_args, validate_data_args
-    from megatron_tw.scoring.arguments import add_scoring_args, validate_scoring_args
-    from megatron_tw.weighting import add_weighting_args, weighting_config_from_args
-
-    def weighting(args):
-        args.tw_weighting = weighting_config_from_args(args)
-
-    for add in (add_weighting_args, add_scoring_args, add_data_args):
-        register_arg_group(add)
-    # Order matters: the scorer checks read the weighting config.
-    for check in (weighting, validate_scoring_args, validate_data_args):
-        register_arg_check(check)
-    import megatron_tw.reliability_args  # noqa: F401  (--tw-nonfinite*; checkpoint/tokenizer checks)
+def check_schedule(args: argparse.Namespace) -> None:
+    """Megatron features whose forward_step contract the weighted step does not implement."""
+    if getattr(args, "overlap_moe_expert_parallel_comm", False):
+        raise ConfigError("--overlap-moe-expert-parallel-comm asks forward_step for a schedule "
+                          "plan (combined 1F1B), which token-weighted training does not build; "
+                          "drop the flag")
 
 
-_register_project_groups()
+def _weighting(args: argparse.Namespace) -> dict:
+    return {"tw_weighting": weighting_config_from_args(args)}
+
+
+# Every start-up step, in order: (CHECK, fn) raises; (RESOLVE, fn) returns settings to apply.
+# Order matters: the scorer steps read the weighting config; the file checks come last.
+STEPS: list[tuple[str, Callable[[argparse.Namespace], Optional[dict]]]] = [
+    (CHECK, check_machine),
+    (CHECK, check_context_parallel),
+    (CHECK, check_schedule),
+    (RESOLVE, _weighting),
+    (RESOLVE, resolve_scoring_args),
+    (CHECK, validate_scoring_args),
+    (CHECK, validate_data_args),
+    (CHECK, validate_reliability_args),
+    (RESOLVE, resolve_reliability_args),
+    (CHECK, check_run_files),
+]
+
+
+def run_steps(args: argparse.Namespace, steps=None) -> argparse.Namespace:
+    """Run the start-up steps on ``args``; each error becomes one ConfigError."""
+    for kind, step in STEPS if steps is None else steps:
+        try:
+            settings = step(args)
+        except ConfigError:
+            raise
+        except ValueError as err:  # the package validators raise ValueError naming the flag
+            raise ConfigError(str(err)) from err
+        if kind == RESOLVE:
+            for name, value in (settings or {}).items():
+                setattr(args, name, value)
+    return args
 
 
 def parse_and_validate_args(argv: Optional[Sequence[str]] = None,
@@ -168,13 +206,7 @@ def parse_and_validate_args(argv: Optional[Sequence[str]] = None,
     finally:
         sys.argv = saved
 
-    for check in ARG_CHECKS:
-        try:
-            check(args)
-        except ConfigError:
-            raise
-        except ValueError as err:  # the package validators raise ValueError naming the flag
-            raise ConfigError(str(err)) from err
+    run_steps(args)
     if args.use_checkpoint_args:
         from megatron.training.checkpointing import load_args_from_checkpoint
 

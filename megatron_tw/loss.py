@@ -3,11 +3,11 @@
 Returns ``(loss_sum, num_tokens, report)``: megatron sums ``loss_sum`` and ``num_tokens`` over
 micro-batches and over the data-parallel x context-parallel ranks and divides once
 (``--calculate-per-token-loss``), so the optimised quantity is
-``sum_i w_i * mask_i * L_long[i] / sum_i mask_i`` over the global batch (METHOD.md).
+``sum_i w_i * mask_i * L_long[i] / sum_i mask_i`` over the global batch (docs/method.md).
 With weights ``None`` (the uniform preset) it is exactly the stock pretrain_gpt loss.
 
 Every micro-batch's per-token losses, weights and loss sum are checked for NaN/Inf, and its token
-count is recorded for the optimizer-step guard (megatron_tw/reliability.py, ``--tw-nonfinite``).
+count is recorded for the optimizer-step guard (megatron_tw/reliability/guard.py, ``--tw-nonfinite``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def token_weighted_loss(loss_mask: torch.Tensor, weight_fn: Optional[WeightFn],
     mask = loss_mask.float()
     # The trainee's own losses first: when they are not finite, everything derived from them
     # (self-scored short losses, weights) is not either, and the report should name the source.
-    finite = check_finite("loss", losses.detach()[loss_mask.detach() != 0])
+    finite = check_finite("loss", losses.detach(), loss_mask.detach())
     lm_loss = torch.sum(losses.view(-1) * mask.view(-1))
     num_tokens = mask.sum().clone().detach().to(torch.int)
     count_loss_tokens(num_tokens)
@@ -51,7 +51,7 @@ def token_weighted_loss(loss_mask: torch.Tensor, weight_fn: Optional[WeightFn],
         weights, stats = weight_fn(losses.detach())
         if weights is not None:
             # Only tokens in the loss count (compute_token_weights gives the others weight 0).
-            finite &= check_finite("token weights", weights.detach()[loss_mask.detach() != 0])
+            finite &= check_finite("token weights", weights.detach(), loss_mask.detach())
             loss = torch.sum(losses.view(-1) * weights.view(-1) * mask.view(-1))
             report["weighted loss"] = torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])
         report.update(stats)

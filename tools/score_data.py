@@ -10,7 +10,7 @@ The tool takes the training run's own flags, so it builds exactly the run's trai
 datasets (same data, --split, --seq-length, --seed and sample counts: --train-iters x
 --global-batch-size, --eval-iters, --eval-interval), runs the frozen scorer on every sample, one
 process per GPU (or CPU process), each on whole rows without any model parallelism, and writes
-``PREFIX_<split>.{bin,idx,json}`` (megatron_tw/scoring/precomputed.py). The training run's
+``PREFIX_<split>.{bin,idx,json}`` (megatron_tw/data/short_loss.py). The training run's
 parallel layout (--tensor/--pipeline/--context-parallel-size) is replaced by one process per
 scorer; its vocabulary padding is kept, because the padded vocabulary is part of the softmax.
 Interrupted runs resume: finished chunks are kept and skipped.
@@ -97,8 +97,8 @@ def _validated_as_one_process():
 
 
 def parse(argv: list[str]):
-    from megatron_tw.arguments import ConfigError, parse_and_validate_args
-    from megatron_tw.scoring.arguments import validate_scoring_args
+    from megatron_tw.arguments import ConfigError, parse_and_validate_args, run_steps
+    from megatron_tw.scoring.arguments import resolve_scoring_args, validate_scoring_args
 
     tool, rest = tool_parser().parse_known_args(argv)
     unknown = set(tool.score_splits.split(",")) - {"train", "valid", "test"}
@@ -121,9 +121,7 @@ def parse(argv: list[str]):
     weighting = args.tw_weighting
     args.tw_weighting = argparse.Namespace(needs_short_loss=True)
     try:
-        validate_scoring_args(args)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
+        run_steps(args, [("resolve", resolve_scoring_args), ("check", validate_scoring_args)])
     finally:
         args.tw_weighting = weighting
     args.rank = int(os.environ.get("RANK", "0"))
@@ -136,7 +134,7 @@ def parse(argv: list[str]):
 
 
 def scorer_record(args) -> dict:
-    from megatron_tw.scoring.precomputed import path_identity
+    from megatron_tw.data.short_loss import path_identity
 
     path = os.path.abspath(args.tw_scorer_load)
     if os.path.isfile(os.path.join(path, "config.json")):
@@ -159,7 +157,7 @@ def make_score_fn(scorer, device):
         batch = {key: torch.stack([s[key] for s in samples]).to(device)
                  for key in ("tokens", "labels", "position_ids")}
         batch["tokens_full"], batch["labels_full"] = batch["tokens"], batch["labels"]
-        short, same_as_long = scorer.short_losses(batch, None)
+        short, same_as_long = scorer.short_losses(batch)
         if same_as_long.any():  # a frozen scorer scores every position
             raise RuntimeError("the scorer left positions unscored; cannot precompute them")
         return short
@@ -181,16 +179,18 @@ def main(argv=None) -> None:
 
     from megatron_tw.arguments import ConfigError
     from megatron_tw.data.provider import DATASET_BUILDERS, dataset_kind
-    from megatron_tw.scoring.model import single_rank_group
+    from megatron_tw.runtime.groups import single_rank_group
     from megatron_tw.scoring.offline import new_record, plan_split, run_split
-    from megatron_tw.scoring.precomputed import (
+    from megatron_tw.data.short_loss import (
         SPLITS,
         SidecarError,
         rows_needed,
         run_fingerprint,
         sidecar_prefix,
     )
-    from megatron_tw.scoring.scorers import SCORERS
+    from megatron.training import get_tokenizer
+
+    from megatron_tw.scoring.scorers import SCORERS, special_token
 
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -221,9 +221,14 @@ def main(argv=None) -> None:
     if dist.is_initialized():
         dist.barrier()  # every rank has planned every split before any shard is merged
 
-    scorer = SCORERS["frozen"](args)
-    device = next(scorer.model.parameters()).device
-    score_fn = make_score_fn(scorer, device)
+    tokenizer = get_tokenizer()
+    scorer = SCORERS["frozen"](args, bos_id=special_token(tokenizer, "bos"),
+                               vocab_size=tokenizer.vocab_size)
+    try:
+        scorer.setup(None)  # on this machine's compute device (the GPU when there is one)
+    except ConfigError as err:  # e.g. a scorer of another vocabulary: the message is the story
+        sys.exit(f"score_data.py: error: {err}")
+    score_fn = make_score_fn(scorer, runtime.compute_device())
     batch = tool.score_batch_size or args.micro_batch_size
     with torch.no_grad():
         for plan, dataset in plans:

@@ -53,16 +53,36 @@ def single_process_megatron(seed: int = 1234):
 
 
 def parse_model_args(model_flags: Sequence[str], extra: Sequence[str] = ()):
-    """megatron's argument namespace for ``model_flags`` (no globals set; argument dump silenced)."""
-    from megatron_tw.arguments import parse_and_validate_args
+    """megatron's argument namespace for ``model_flags``: megatron's own parser and validation
+    with this machine's defaults (runtime/machine.py), no --tw-* flags, no globals set, nothing
+    of megatron.training patched; the argument dump is silenced."""
+    import sys
+
+    from megatron.training.arguments import parse_args, validate_args
+
+    from megatron_tw import runtime
+    from megatron_tw.runtime.machine import megatron_defaults
 
     flags = ["--micro-batch-size", "1", "--tokenizer-type", "NullTokenizer", "--vocab-size", "1",
              *model_flags, *extra]
     if "--seq-length" not in flags:
         i = flags.index("--max-position-embeddings")
         flags += ["--seq-length", flags[i + 1]]
-    with contextlib.redirect_stdout(io.StringIO()):
-        return parse_and_validate_args(flags, set_globals=False)
+    defaults = megatron_defaults(runtime.this_machine())
+
+    def machine_defaults(parser):
+        parser.set_defaults(**defaults)
+        return parser
+
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "convert", *flags]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            args = parse_args(extra_args_provider=machine_defaults)
+            validate_args(args, {})
+    finally:
+        sys.argv = saved
+    return args
 
 
 def build_model(args, padded_vocab_size: int, dtype: torch.dtype = torch.float32):
@@ -162,12 +182,17 @@ def checkpoint_tensor_shape(data_dir: str, key: str) -> tuple[int, ...]:
     return tuple(meta[key].global_shape)
 
 
-def load_checkpoint_into_model(model, args, data_dir: str) -> None:
-    """Load the model weights of a torch_dist checkpoint (any saved TP x PP layout) into ``model``."""
+def load_checkpoint_into_model(model, args, data_dir: str, process_group=None) -> None:
+    """Load the model weights of a torch_dist checkpoint (any saved TP x PP layout) into ``model``.
+
+    ``process_group``: the ranks that load this model together (dist_checkpointing validates the
+    shards over it); None for the world group. A model that exists on one pipeline stage only
+    passes that stage's group: over the world group the load waits for ranks that never join.
+    """
     from megatron.core import dist_checkpointing
 
     sharded = {"model": model.sharded_state_dict(metadata=_sharded_metadata(args))}
-    state = dist_checkpointing.load(sharded, data_dir)
+    state = dist_checkpointing.load(sharded, data_dir, process_group=process_group)
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:

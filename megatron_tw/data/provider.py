@@ -4,7 +4,7 @@ Megatron's own GPTDataset (packed documents, ``--data-path``/``--split``; ``--mo
 synthetic tokens) is the default. Every sample additionally carries ``sample_id``, its index in
 the dataset, which the weighting uses as a layout-independent tie-break key, and, with
 ``--tw-scorer precomputed``, ``short_loss`` read from the sidecar by the same index
-(megatron_tw/scoring/precomputed.py).
+(megatron_tw/data/short_loss.py).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from megatron.training import get_args, get_tokenizer, print_rank_0
 from megatron.training.utils import get_blend_and_blend_per_split, is_first_or_last_pipeline_stage
 
-# Also registers the ``short_loss`` batch key (read from the sidecar with --tw-scorer precomputed).
-from megatron_tw.scoring.precomputed import SidecarError, attach_short_losses, uses_precomputed
+from megatron_tw.data.batch import reads_short_loss
+from megatron_tw.data.short_loss import SidecarError, attach_short_losses
 
 
 class WithSampleId(torch.utils.data.Dataset):
@@ -69,6 +69,8 @@ DATASET_BUILDERS = {}
 
 def register_dataset_builder(name: str):
     def register(fn):
+        if name in DATASET_BUILDERS:
+            raise ValueError(f"dataset builder {name!r} is already registered")
         DATASET_BUILDERS[name] = fn
         return fn
 
@@ -106,7 +108,7 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage: Opt
     kind = dataset_kind(args)
     print_rank_0(f"> building train, validation, and test datasets ({kind}) ...")
     datasets = DATASET_BUILDERS[kind](args, train_val_test_num_samples, vp_stage)
-    if uses_precomputed(args):
+    if reads_short_loss(args):
         try:
             datasets = attach_short_losses(args, datasets, train_val_test_num_samples)
         except SidecarError as err:

@@ -1,6 +1,6 @@
 """Short-context log-probabilities: each token scored with only a few previous tokens of context.
 
-This is step 1 of the method (shared/METHOD.md) done offline, by running a backend on windows of
+This is step 1 of the method (docs/method.md) done offline, by running a backend on windows of
 the sequence. ``W`` means what ``--tw-short-context`` means in training: a target is predicted
 from at most the W tokens before it (in megatron's view a window is W input tokens, each with the
 next token as its label).

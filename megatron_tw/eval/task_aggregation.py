@@ -14,7 +14,7 @@ import random
 import string
 
 from megatron_tw.eval import haystack as hs
-from megatron_tw.eval.tasks import fit_haystack, register_family
+from megatron_tw.eval.task_registry import fit_haystack, register_family
 
 CWE_TEMPLATE = ("Below is a numbered list of words. In these words, some appear more often than "
                 "others. Memorize the ones that appear most often.\n{context}\nQuestion: What are "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 
 from megatron_tw.eval import haystack as hs
-from megatron_tw.eval.tasks import DEPTHS, fit_haystack, needle_spans, register_family
+from megatron_tw.eval.task_registry import DEPTHS, fit_haystack, needle_spans, register_family
 
 TEMPLATE = ("Some special magic {type_needle_v} are hidden within the following text. Make sure to "
             "memorize it. I will quiz you about the {type_needle_v} afterwards.\n{context}\n"

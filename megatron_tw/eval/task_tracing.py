@@ -12,7 +12,7 @@ import random
 import string
 
 from megatron_tw.eval import haystack as hs
-from megatron_tw.eval.tasks import fit_haystack, needle_spans, register_family
+from megatron_tw.eval.task_registry import fit_haystack, needle_spans, register_family
 
 TEMPLATE = ("Memorize and track the chain(s) of variable assignment hidden in the following text."
             "\n\n{context}\nQuestion: Find all variables that are assigned the value {query} in "

@@ -4,7 +4,7 @@ Green means weight > 1, red weight < 1, white weight 1; the colour saturates at 
 (|log w| >= log 4). The weights come from :func:`megatron_tw.weighting.compute_token_weights`, the
 function training calls, applied to one sequence's long- and short-context losses, so a picture
 shows exactly what a preset does to that text. ``TABLE1`` holds the worked example of the paper's
-Table 1 (shared/METHOD.md) for rendering without a model.
+Table 1 (docs/method.md) for rendering without a model.
 """
 
 from __future__ import annotations

@@ -28,28 +28,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
+from megatron_tw.data.cp_layout import load_balanced_positions, query_runs
 from megatron_tw.model.chunk_attention import chunk_causal_attention, sliding_window_attention
-
-
-def load_balanced_positions(seq_len_local: int, cp_size: int, cp_rank: int,
-                            device=None) -> torch.Tensor:
-    """Global positions [s_local] of the tokens a CP rank holds after megatron's load-balanced
-    split: the sequence is cut into 2*cp chunks and rank r holds chunks r and 2*cp-1-r."""
-    chunk = seq_len_local // 2
-    first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk, device=device)
-    second_start = (2 * cp_size - 1 - cp_rank) * chunk
-    second = torch.arange(second_start, second_start + chunk, device=device)
-    return torch.cat([first, second])
-
-
-def _query_runs(sq: int, cp_size: int, cp_rank: int) -> list[tuple[int, int, int]]:
-    """(local start, local end, global start) of each contiguous run of a rank's sq queries:
-    the whole sequence without CP, else its two load-balanced chunks (load_balanced_positions).
-    Plain integers: no device tensor is read back to the host."""
-    if cp_size == 1:
-        return [(0, sq, 0)]
-    chunk = sq // 2
-    return [(0, chunk, cp_rank * chunk), (chunk, sq, (2 * cp_size - 1 - cp_rank) * chunk)]
 
 
 class _AllGatherSeq(torch.autograd.Function):
@@ -136,7 +116,7 @@ class ContextParallelDotProductAttention(MegatronModule):
         if cp > 1:
             key = _to_global_order(_AllGatherSeq.apply(key, self.cp_group), cp)
             value = _to_global_order(_AllGatherSeq.apply(value, self.cp_group), cp)
-        runs = _query_runs(sq, cp, rank)
+        runs = query_runs(sq, cp, rank)
 
         # grouped-query attention: SDPA shares each K/V head without expanding it (enable_gqa)
         gqa = self.heads > self.groups

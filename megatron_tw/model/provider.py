@@ -54,13 +54,5 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     args = get_args()
     if config is None:
         config = core_transformer_config_from_args(args)
-    from megatron_tw.token_weights import needs_scorer
-
-    if needs_scorer(args):
-        # Scorers run on one-rank pipeline (and, for windows, CP) groups; creating groups is
-        # collective, so do it here, where every rank passes, not at the first scored batch.
-        from megatron_tw.scoring.model import single_rank_group
-
-        single_rank_group()
     return build_gpt_model(args, config, pre_process=pre_process, post_process=post_process,
                            vp_stage=vp_stage, pg_collection=pg_collection)

@@ -22,6 +22,8 @@ LAYER_SPECS = {}
 
 def register_layer_spec(name: str):
     def register(fn):
+        if name in LAYER_SPECS:
+            raise ValueError(f"layer spec {name!r} is already registered")
         LAYER_SPECS[name] = fn
         return fn
 

@@ -24,9 +24,26 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+@functools.lru_cache(maxsize=None)
+def _te_probe():
+    from megatron_tw.runtime.machine import probe_transformer_engine
+
+    return probe_transformer_engine()
+
+
 def transformer_engine_available() -> bool:
-    """True when Transformer Engine's PyTorch extension is importable (without importing it)."""
-    return importlib.util.find_spec("transformer_engine") is not None
+    """True when Transformer Engine's PyTorch extension is installed *and imports* (a broken
+    install would otherwise select the TE spec and fail deep inside TE)."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False
+    return _te_probe()[0]
+
+
+def transformer_engine_error():
+    """Why an installed Transformer Engine does not import (None when it imports or is absent)."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return None
+    return _te_probe()[1]
 
 
 def device_capability():
@@ -37,6 +54,23 @@ def device_capability():
         return torch.cuda.get_device_capability()
     except (RuntimeError, AssertionError):  # a driver problem: let CUDA report it later
         return None
+
+
+def this_machine():
+    """This machine as a :class:`~megatron_tw.runtime.machine.Machine` (from the probes above)."""
+    from megatron_tw.runtime.machine import describe
+
+    cuda = cuda_available()
+    return describe(cuda, cuda and transformer_engine_available(),
+                    device_capability() if cuda else None,
+                    te_error=transformer_engine_error() if cuda else None)
+
+
+def compute_device() -> torch.device:
+    """The device of every buffer the project allocates (runtime/machine.py)."""
+    if cuda_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def default_backend() -> str:

@@ -1,16 +1,23 @@
-"""The --tw-scorer* flags: who gives each token its short-context loss, and how much context."""
+"""The --tw-scorer* flags: who gives each token its short-context loss, and how much context.
+
+``validate_scoring_args`` only checks (it raises ValueError naming the flag and the fix);
+``resolve_scoring_args`` returns the values the flags imply (the default stride, W/mode/stride of
+a precomputed sidecar), which megatron_tw.arguments applies in one place.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-SCORERS = ("self", "frozen", "precomputed")
+from megatron_tw.scoring.model import MAX_TOKENS_PER_FORWARD
+from megatron_tw.scoring.scorers import SCORERS
+
 SHORT_MODES = ("windows", "sliding")
 
 
 def add_scoring_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group = parser.add_argument_group(title="short-context scorer")
-    group.add_argument("--tw-scorer", choices=SCORERS, default="self",
+    group.add_argument("--tw-scorer", choices=sorted(SCORERS), default="self",
                        help="self: the trainee's current weights under no_grad (the paper's "
                             "default); frozen: a separate frozen model (--tw-scorer-load) "
                             "co-located with the trainee; precomputed: losses stored next to the "
@@ -32,19 +39,50 @@ def add_scoring_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                             "(default 0; the last stage already holds the output layer and loss).")
     group.add_argument("--tw-scorer-fp8", action="store_true",
                        help="Run the frozen scorer's inference under FP8 autocast (TE, GPU).")
+    group.add_argument("--tw-scorer-max-tokens", type=int, default=MAX_TOKENS_PER_FORWARD,
+                       help="windows mode: at most this many tokens (micro-batch x window x "
+                            "windows) per scorer forward; bounds the scorer's logits and "
+                            "activations at long sequence lengths.")
     group.add_argument("--tw-short-loss-path", type=str, default=None,
                        help="precomputed scorer: prefix of the sidecar indexed dataset written by "
                             "tools/score_data.py (default: <data-path>_short_loss).")
     return parser
 
 
+def _stride(args) -> int:
+    return args.tw_short_stride if args.tw_short_stride is not None else max(
+        1, args.tw_short_context // 2)
+
+
+def resolve_scoring_args(args: argparse.Namespace) -> dict:
+    """The settings the scorer flags imply, before they are checked (pure). For ``precomputed``:
+    W/mode/stride not given here, from the train split's sidecar; for the windows mode: the
+    default stride W // 2."""
+    config = getattr(args, "tw_weighting", None)
+    if config is None or not config.needs_short_loss:
+        return {}
+    settings = {}
+    if args.tw_scorer == "precomputed":
+        from megatron_tw.data.short_loss import short_context_from_sidecar
+
+        settings.update(short_context_from_sidecar(args))
+    view = argparse.Namespace(**{**vars(args), **settings})
+    if (view.tw_scorer != "precomputed" and view.tw_short_mode == "windows"
+            and view.tw_short_context is not None and view.tw_short_stride is None):
+        settings["tw_short_stride"] = _stride(view)
+    return settings
+
+
 def validate_scoring_args(args: argparse.Namespace) -> None:
-    """Checks that need only the flags; errors name the flag and the fix."""
+    """Checks that need only the flags (after ``resolve_scoring_args``); errors name the flag and
+    the fix."""
     if args.tw_scorer != "frozen" and (args.tw_scorer_load or args.tw_scorer_fp8):
         raise ValueError("--tw-scorer-load/--tw-scorer-fp8 apply to --tw-scorer frozen only")
     if args.tw_scorer_fp8 and args.transformer_impl != "transformer_engine":
         raise ValueError("--tw-scorer-fp8 needs Transformer Engine (--transformer-impl "
                          "transformer_engine on a GPU)")
+    if args.tw_scorer_max_tokens < 1:
+        raise ValueError(f"--tw-scorer-max-tokens must be >= 1, got {args.tw_scorer_max_tokens}")
     config = getattr(args, "tw_weighting", None)
     if config is None or not config.needs_short_loss:
         return
@@ -57,8 +95,7 @@ def validate_scoring_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--tw-short-context {W} must be in [1, --seq-length {T}): a short "
                              "context as long as the sequence gives every token weight from d=0")
         if args.tw_short_mode == "windows":
-            S = S if S is not None else max(1, W // 2)
-            args.tw_short_stride = S
+            S = S if S is not None else _stride(args)
             if not 1 <= S <= W or (T - W) % S != 0:
                 raise ValueError(f"--tw-short-stride {S} must be in [1, W={W}] and tile the "
                                  f"sequence: (seq_length - W) = {T - W} divisible by S")
@@ -78,7 +115,6 @@ def validate_scoring_args(args: argparse.Namespace) -> None:
         raise ValueError("--tw-scorer frozen needs --tw-scorer-load <HF folder or Megatron "
                          "checkpoint>")
     if args.tw_scorer == "precomputed":
-        # The sidecar's location must be derivable, and W/mode/stride not given here come from it.
-        from megatron_tw.scoring.precomputed import check_precomputed_args
+        from megatron_tw.data.short_loss import sidecar_prefix
 
-        check_precomputed_args(args)
+        sidecar_prefix(args)  # raises when the sidecar's location cannot be derived

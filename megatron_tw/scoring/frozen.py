@@ -10,13 +10,11 @@ optimizer nor the checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import os
 
-import torch
-
+from megatron_tw.errors import ConfigError
 from megatron_tw.scoring.model import build_scorer_model, scorer_config
 
 
@@ -41,7 +39,7 @@ def _architecture_fields() -> set[str]:
                   "layernorm_epsilon", "add_qkv_bias", "add_bias_linear"}
 
 
-class ScorerError(ValueError):
+class ScorerError(ConfigError):
     """The scorer cannot serve this run; the message names the flag and the fix."""
 
 
@@ -57,12 +55,6 @@ def _scorer_args(args, arch):
     return scorer
 
 
-def _trainee_vocab(args) -> int:
-    from megatron.training import get_tokenizer
-
-    return get_tokenizer().vocab_size
-
-
 def _check_vocab(path: str, scorer_vocab: int, trainee_vocab: int) -> None:
     if scorer_vocab != trainee_vocab:
         raise ScorerError(
@@ -71,7 +63,7 @@ def _check_vocab(path: str, scorer_vocab: int, trainee_vocab: int) -> None:
             "(losses of different tokenizations cannot be compared token by token)")
 
 
-def _from_hf(args, path: str):
+def _from_hf(args, path: str, vocab_size: int, load_group=None):
     from megatron_tw.checkpoint.families import megatron_args_from_hf_config, padded_vocab_size
     from megatron_tw.checkpoint.hf import load_hf_into_megatron
     from megatron_tw.checkpoint.hf_io import read_hf_config
@@ -79,7 +71,7 @@ def _from_hf(args, path: str):
 
     hf_config = read_hf_config(path)
     vocab = int(hf_config.vocab_size if hasattr(hf_config, "vocab_size") else hf_config["vocab_size"])
-    _check_vocab(path, vocab, _trainee_vocab(args))
+    _check_vocab(path, vocab, vocab_size)
     flags = megatron_args_from_hf_config(
         hf_config, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
     scorer_args = _scorer_args(args, parse_model_args(flags))
@@ -90,7 +82,7 @@ def _from_hf(args, path: str):
     return model
 
 
-def _from_megatron(args, path: str):
+def _from_megatron(args, path: str, vocab_size: int, load_group=None):
     from megatron_tw.checkpoint.megatron_io import (
         checkpoint_args,
         checkpoint_data_dir,
@@ -105,7 +97,7 @@ def _from_megatron(args, path: str):
     _check_vocab(path, saved.padded_vocab_size, args.padded_vocab_size)
     scorer_args = _scorer_args(args, saved)
     model = _build(scorer_args, saved.padded_vocab_size)
-    load_checkpoint_into_model(model, scorer_args, data_dir)
+    load_checkpoint_into_model(model, scorer_args, data_dir, process_group=load_group)
     return model
 
 
@@ -113,27 +105,35 @@ def _build(scorer_args, padded_vocab: int):
     from megatron.training.argument_utils import core_transformer_config_from_args
 
     config = scorer_config(core_transformer_config_from_args(scorer_args),
-                           mode=scorer_args.tw_short_mode, window=scorer_args.tw_short_context)
+                           mode=scorer_args.tw_short_mode, window=scorer_args.tw_short_context,
+                           fp8=bool(scorer_args.tw_scorer_fp8))
     return build_scorer_model(scorer_args, config, mode=scorer_args.tw_short_mode,
                               vocab_size=padded_vocab)
 
 
-def load_frozen_scorer(args):
-    """Build the frozen scorer for this rank (eval mode, no gradients)."""
+def load_frozen_scorer(args, *, vocab_size: int, device=None, load_group=None):
+    """Build the frozen scorer for this rank (eval mode, no gradients) on ``device``.
+
+    Args:
+        vocab_size: the trainee tokenizer's vocabulary; the scorer's must match.
+        device: where it runs (default: the machine's compute device). megatron moves only the
+            trainee to the GPU; the scorer is outside its model list.
+        load_group: the ranks that load a Megatron checkpoint together (the scorer's pipeline
+            stage: runtime.groups.pipeline_stage_group); None for the world group.
+    """
     path = args.tw_scorer_load
     if not os.path.exists(path):
         raise ScorerError(f"--tw-scorer-load {path}: no such file or folder")
-    model = _from_hf(args, path) if _is_hf_folder(path) else _from_megatron(args, path)
+    if _is_hf_folder(path):
+        model = _from_hf(args, path, vocab_size)
+    else:
+        model = _from_megatron(args, path, vocab_size, load_group)
+    if device is None:
+        from megatron_tw import runtime
+
+        device = runtime.compute_device()
+    model.to(device)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
-
-
-def scorer_precision_context(args, model):
-    """FP8 autocast for the scorer's inference when ``--tw-scorer-fp8`` (Transformer Engine)."""
-    if not args.tw_scorer_fp8:
-        return contextlib.nullcontext()
-    from megatron.core.fp8_utils import get_fp8_context
-
-    return get_fp8_context(model.config)

@@ -20,32 +20,56 @@ import dataclasses
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from megatron_tw.scoring.spans import Span, local_index
+from megatron_tw.data.cp_layout import local_index
+from megatron_tw.runtime.groups import single_rank_group
+from megatron_tw.scoring.spans import Span
 
-_SINGLE_RANK_GROUP = None
-
-
-def single_rank_group():
-    """A process group holding only this rank (created collectively, once, on every rank)."""
-    global _SINGLE_RANK_GROUP
-    if _SINGLE_RANK_GROUP is None:
-        group, _ = dist.new_subgroups(group_size=1)
-        _SINGLE_RANK_GROUP = group
-    return _SINGLE_RANK_GROUP
+# FP8 for a scorer whose trainee trains in bf16 (--tw-scorer-fp8): e4m3 with per-tensor current
+# scaling, which needs no amax history (a frozen model's first forward is already scaled right).
+SCORER_FP8 = {"fp8": "e4m3", "fp8_recipe": "tensorwise", "fp8_param": False}
 
 
-def scorer_config(config, *, mode: str, window: int):
-    """A TransformerConfig for scoring: the whole model on one pipeline stage; sliding -> window
-    of W keys (CP kept); windows -> no CP."""
+def _comm_types(cp_comm_type) -> list:
+    return list(cp_comm_type) if isinstance(cp_comm_type, (list, tuple)) else [cp_comm_type]
+
+
+def scorer_config(config, *, mode: str, window: int, fp8: Optional[bool] = None):
+    """A TransformerConfig for scoring, from the trainee's (or the frozen model's) ``config``.
+
+    - the whole model on one pipeline stage;
+    - ``sliding``: a window of W keys, the trainee's CP kept. TE's context-parallel attention
+      serves sliding windows only with ``all_gather`` or ``a2a`` communication (it asserts
+      otherwise), so a ``p2p`` trainee gets an ``all_gather`` scorer;
+    - ``windows``: no CP, no window (each window is a short sequence of its own);
+    - ``fp8``: None keeps the trainee's FP8 fields (the self scorer computes as the trainee
+      does); False turns FP8 off; True runs FP8 inference (SCORER_FP8) whatever the trainee.
+      Megatron's TransformerBlock enters the FP8 autocast from ``config.fp8``.
+    """
     config = dataclasses.replace(
         config, pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None,
         num_layers_in_first_pipeline_stage=None, num_layers_in_last_pipeline_stage=None)
+    if fp8 is False:
+        config = dataclasses.replace(config, fp8=None, fp8_param=False)
+    elif fp8 is True:
+        config = dataclasses.replace(config, **SCORER_FP8)
     if mode == "sliding":
-        return dataclasses.replace(config, window_size=(window - 1, 0))
+        comm = config.cp_comm_type
+        if config.context_parallel_size > 1 and "p2p" in _comm_types(comm):
+            comm = ["all_gather" if c == "p2p" else c for c in _comm_types(comm)]
+            comm = comm[0] if not isinstance(config.cp_comm_type, (list, tuple)) else comm
+        return dataclasses.replace(config, window_size=(window - 1, 0), cp_comm_type=comm)
     return dataclasses.replace(config, context_parallel_size=1, window_size=None)
+
+
+def first_microbatch_of_step(model) -> None:
+    """Tell the scorer's TE modules that its weights may have changed: under FP8 they cache the
+    FP8 cast of each weight and reuse it until told. megatron tells the trainee's modules at each
+    step (``set_is_first_microbatch``); the scorer is not in megatron's model list, so without
+    this a self scorer would score with the FP8 weights of its first step for the whole run."""
+    if hasattr(model, "set_is_first_microbatch"):
+        model.set_is_first_microbatch()
 
 
 def scorer_process_groups(mode: str) -> ProcessGroupCollection:
@@ -87,41 +111,57 @@ def share_parameters(scorer: torch.nn.Module, trainee: torch.nn.Module) -> None:
             module._parameters[name] = source[full]
 
 
+# Default cap on the tokens of one scorer forward in the windows mode (--tw-scorer-max-tokens):
+# at 128k tokens with W = 8k a rank's windows would otherwise run as one batch of ~250k tokens,
+# whose [tokens, vocab / TP] logits alone take tens of GiB.
+MAX_TOKENS_PER_FORWARD = 16384
+
+
 @torch.no_grad()
 def score_spans(model, tokens: torch.Tensor, labels: torch.Tensor, spans: list[Span], *,
-                seq_length: int, cp_size: int, cp_rank: int,
-                bos_id: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                seq_length: int, cp_size: int, cp_rank: int, bos_id: Optional[int] = None,
+                max_tokens: int = MAX_TOKENS_PER_FORWARD) -> tuple[torch.Tensor, torch.Tensor]:
     """Short-context losses for this CP rank's positions.
 
     Args:
         tokens, labels: [b, s] full token rows (integers only; kept by every CP rank).
-        spans: from ``plan_spans``; spans of equal length run as one batch.
+        spans: from ``plan_spans``. Spans over the same tokens (a window that supplies both of a
+            rank's chunks) run once; spans of equal length run batched, at most ``max_tokens``
+            tokens (b x length x spans, and at least one span) per forward.
         bos_id: when given and a row starts with it, every span's first token becomes BOS
             (the reference's windows mode).
 
     Returns:
         losses [b, s / CP] float32 and scored [b, s / CP] bool (False where no span supplied a
-        loss, e.g. positions below the self scorer's skip threshold).
+        loss, e.g. positions below the self scorer's skip threshold), on ``tokens.device``.
     """
     b = tokens.shape[0]
     s_local = seq_length // cp_size
     losses = torch.zeros(b, s_local, dtype=torch.float32, device=tokens.device)
     scored = torch.zeros(b, s_local, dtype=torch.bool, device=tokens.device)
-    by_length: dict[int, list[Span]] = {}
+    keeps: dict[tuple[int, int], list[Span]] = {}  # (start, end) -> the spans it supplies
     for span in spans:
-        by_length.setdefault(span.end - span.start, []).append(span)
-    for length, group in by_length.items():
-        ids = torch.cat([tokens[:, sp.start:sp.end] for sp in group])      # [n*b, L]
-        lab = torch.cat([labels[:, sp.start:sp.end] for sp in group])
-        if bos_id is not None:
-            starts_bos = (tokens[:, 0] == bos_id).repeat(len(group))
-            ids[starts_bos, 0] = bos_id
-        pos = torch.arange(length, device=ids.device).expand_as(ids)
-        span_losses = model(ids, pos, None, labels=lab).float()            # [n*b, L]
-        for i, sp in enumerate(group):
-            rows = span_losses[i * b:(i + 1) * b]
-            lo = local_index(sp.keep_from, seq_length, cp_size, cp_rank)
-            n = sp.keep_to - sp.keep_from
-            losses[:, lo:lo + n] = rows[:, sp.keep_from - sp.start:sp.keep_to - sp.start]
-            scored[:, lo:lo + n] = True
+        keeps.setdefault((span.start, span.end), []).append(span)
+    by_length: dict[int, list[tuple[int, int]]] = {}
+    for start, end in keeps:
+        by_length.setdefault(end - start, []).append((start, end))
+    starts_bos = None if bos_id is None else tokens[:, :1] == bos_id          # [b, 1]
+    for length, windows in by_length.items():
+        per_forward = max(1, max_tokens // (b * length))
+        for first in range(0, len(windows), per_forward):
+            batch = windows[first:first + per_forward]
+            ids = torch.cat([tokens[:, a:e] for a, e in batch])                # [n*b, L]
+            lab = torch.cat([labels[:, a:e] for a, e in batch])
+            if starts_bos is not None:  # elementwise: no boolean indexing (no host sync)
+                lead = torch.where(starts_bos.repeat(len(batch), 1), bos_id, ids[:, :1])
+                ids = torch.cat([lead, ids[:, 1:]], dim=1)
+            pos = torch.arange(length, device=ids.device).expand_as(ids)
+            span_losses = model(ids, pos, None, labels=lab).float()            # [n*b, L]
+            for i, window in enumerate(batch):
+                rows = span_losses[i * b:(i + 1) * b]
+                for sp in keeps[window]:
+                    lo = local_index(sp.keep_from, seq_length, cp_size, cp_rank)
+                    n = sp.keep_to - sp.keep_from
+                    losses[:, lo:lo + n] = rows[:, sp.keep_from - sp.start:sp.keep_to - sp.start]
+                    scored[:, lo:lo + n] = True
     return losses, scored

@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence
 import numpy
 import torch
 
-from megatron_tw.scoring.precomputed import (
+from megatron_tw.data.short_loss import (
     FORMAT,
     Sidecar,
     SidecarError,

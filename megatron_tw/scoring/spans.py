@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_tw.data.cp_layout import local_index, owned_chunks  # noqa: F401  (re-exported)
+
 
 @dataclass(frozen=True)
 class Span:
@@ -34,15 +36,6 @@ class Span:
 
     def __post_init__(self):
         assert self.start <= self.keep_from < self.keep_to <= self.end, self
-
-
-def owned_chunks(seq_length: int, cp_size: int, cp_rank: int) -> list[tuple[int, int]]:
-    """[(a, b), (c, d)]: the two global position ranges a CP rank holds (one range for CP=1)."""
-    if cp_size == 1:
-        return [(0, seq_length)]
-    chunk = seq_length // (2 * cp_size)
-    first, second = cp_rank, 2 * cp_size - 1 - cp_rank
-    return [(first * chunk, (first + 1) * chunk), (second * chunk, (second + 1) * chunk)]
 
 
 def sliding_spans(chunks, window: int, skip_below: int = 0) -> list[Span]:
@@ -78,13 +71,3 @@ def plan_spans(mode: str, *, seq_length: int, window: int, stride: int | None, c
     if mode == "windows":
         return window_spans(chunks, seq_length, window, stride, skip_below)
     raise ValueError(f"unknown short-context mode {mode!r}")
-
-
-def local_index(position: int, seq_length: int, cp_size: int, cp_rank: int) -> int:
-    """Index in this CP rank's [s / CP] tensors of a global position it owns."""
-    offset = 0
-    for a, b in owned_chunks(seq_length, cp_size, cp_rank):
-        if a <= position < b:
-            return offset + position - a
-        offset += b - a
-    raise ValueError(f"position {position} is not held by CP rank {cp_rank}")

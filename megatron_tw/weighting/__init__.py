@@ -1,4 +1,4 @@
-"""Token weighting: from long/short-context losses to per-token loss weights (METHOD.md step 2).
+"""Token weighting: from long/short-context losses to per-token loss weights (docs/method.md, "Pipeline").
 
     config = build_weighting_config("dense", interpolation=0.5)
     w = compute_token_weights(long_loss, short_loss, loss_mask, position_ids, sample_ids,
@@ -11,7 +11,11 @@ weights.py (the pipeline), statistics.py (logging), presets.py (named schemes),
 arguments.py (--tw-* flags), comm.py (context-parallel reductions).
 """
 
-from megatron_tw.weighting.arguments import add_weighting_args, weighting_config_from_args
+from megatron_tw.weighting.arguments import (
+    add_weighting_args,
+    needs_short_losses,
+    weighting_config_from_args,
+)
 from megatron_tw.weighting.config import WeightingConfig
 from megatron_tw.weighting.presets import PRESETS, build_weighting_config, register_preset
 from megatron_tw.weighting.statistics import weight_statistics
@@ -27,6 +31,7 @@ __all__ = [
     "build_weighting_config",
     "add_weighting_args",
     "weighting_config_from_args",
+    "needs_short_losses",
     "compute_token_weights",
     "weight_statistics",
 ]

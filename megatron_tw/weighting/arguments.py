@@ -32,7 +32,7 @@ _float_or_none.__name__ = "float-or-none"  # argparse shows it in "invalid ... v
 def add_weighting_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group = parser.add_argument_group(title="token weighting")
     group.add_argument("--tw-preset", type=str.lower, choices=sorted(PRESETS), default="uniform",
-                       help="Weighting scheme (shared/METHOD.md). The flags below override it.")
+                       help="Weighting scheme (docs/method.md). The flags below override it.")
     group.add_argument("--tw-comparison", type=str, default=None,
                        help="Score: 'difference' L_long - L_short or 'quotient'.")
     group.add_argument("--tw-transforms", type=str, default=None,
@@ -68,3 +68,10 @@ def weighting_config_from_args(args: argparse.Namespace) -> WeightingConfig:
         temperature=getattr(args, "tw_temperature", None),
         interpolation=getattr(args, "tw_interpolation", None),
     )
+
+
+def needs_short_losses(args) -> bool:
+    """Whether the run's weighting (``args.tw_weighting``, set at start-up) compares long- and
+    short-context losses, so a scorer must run (False for uniform, and before validation)."""
+    config = getattr(args, "tw_weighting", None)
+    return config is not None and config.needs_short_loss

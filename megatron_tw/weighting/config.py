@@ -1,6 +1,6 @@
 """WeightingConfig: a frozen description of step 2 of the method (scores -> loss weights).
 
-The steps run in a fixed order (shared/METHOD.md, step 2):
+The steps run in a fixed order (docs/method.md, "Pipeline"):
     comparison -> transforms (left to right) -> truncation -> sparsification -> normalization
     -> interpolation
 A config names which steps are active and their parameters; `compute_token_weights` executes it.

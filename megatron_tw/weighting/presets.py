@@ -1,4 +1,4 @@
-"""Named weighting schemes (shared/METHOD.md, "Named presets") and `build_weighting_config`.
+"""Named weighting schemes (docs/method.md, "Presets") and `build_weighting_config`.
 
 A preset is a function `(**params) -> WeightingConfig` registered by name; a new scheme is one
 decorated function (here or in any module imported before argument parsing):

@@ -1,6 +1,6 @@
 """compute_token_weights: per-token loss weights from long- and short-context losses.
 
-Runs step 2 of shared/METHOD.md per sequence, in the method's order:
+Runs the pipeline of docs/method.md per sequence, in the method's order:
     comparison -> transforms -> truncation -> sparsification -> normalization -> interpolation
 in float64, under no_grad (weights are constants for the backward pass), and returns float32.
 

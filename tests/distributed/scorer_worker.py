@@ -21,14 +21,11 @@ from megatron.training.argument_utils import core_transformer_config_from_args  
 from megatron.training.initialize import initialize_megatron  # noqa: E402
 
 from megatron_tw.arguments import parse_and_validate_args  # noqa: E402
-from megatron_tw.model.cp_attention import load_balanced_positions  # noqa: E402
+from megatron_tw.data.cp_layout import load_balanced_positions  # noqa: E402
 from megatron_tw.model.provider import build_gpt_model, model_provider  # noqa: E402
-from megatron_tw.scoring.model import (  # noqa: E402
-    scorer_process_groups,
-    share_parameters,
-    single_rank_group,
-)
-from megatron_tw.scoring.scorers import get_scorer  # noqa: E402
+from megatron_tw.runtime.groups import single_rank_group  # noqa: E402
+from megatron_tw.scoring.model import scorer_process_groups, share_parameters  # noqa: E402
+from megatron_tw.scoring.scorers import build_scorer  # noqa: E402
 
 
 def reference_short_losses(loss_fn, tokens, labels, W, mode, stride, skip_below):
@@ -84,7 +81,11 @@ def main():
     mine = load_balanced_positions(s // cp, cp, cp_rank) if cp > 1 else torch.arange(s)
     batch = {"tokens_full": tokens, "labels_full": labels, "tokens": tokens[:, mine],
              "labels": labels[:, mine], "position_ids": mine.expand(2, -1)}
-    short, same = get_scorer(args).short_losses(batch, model)
+    from megatron.training import get_tokenizer
+
+    scorer = build_scorer(args, bos_id=None, vocab_size=get_tokenizer().vocab_size)
+    scorer.setup(model)
+    short, same = scorer.short_losses(batch)
 
     if args.tw_scorer == "frozen" and mode == "windows":
         loss_fn = hf_loss_fn(args.tw_scorer_load)
@@ -93,7 +94,8 @@ def main():
 
         cp_free = copy.copy(args)
         cp_free.tw_short_mode = "windows"  # builds it without CP and without a window
-        loss_fn = megatron_loss_fn(with_window(load_frozen_scorer(cp_free), W))
+        loss_fn = megatron_loss_fn(with_window(
+            load_frozen_scorer(cp_free, vocab_size=scorer.vocab_size), W))
     else:
         config = dataclasses.replace(core_transformer_config_from_args(args),
                                      context_parallel_size=1, window_size=None)

@@ -202,7 +202,7 @@ def chain(tmp_path_factory):
     k2 = int(facts["term"]["tracker"])
     job = Job(args + ["--load", ck, "--save", ck, "--save-interval", "1"])
     saving, tracker = _stop_mid_save(job, ck, after=k2)
-    from megatron_tw.reliability_args import checkpoint_problems
+    from megatron_tw.reliability.preflight import checkpoint_problems
 
     facts["midsave"] = {"saving": saving, "tracker_frozen": tracker,
                         "problems": checkpoint_problems(os.path.join(ck, f"iter_{saving:07d}"))}
@@ -310,7 +310,7 @@ def test_resume_after_kill_during_save_equals_uninterrupted(chain):
 def test_truncated_checkpoint_file_fails_at_startup(chain, tmp_path):
     """A damaged copy of a real checkpoint (one .distcp file cut short), named by the tracker."""
     from megatron_tw.arguments import ConfigError
-    from megatron_tw.reliability_args import check_load_checkpoint
+    from megatron_tw.reliability.preflight import check_load_checkpoint
 
     it = int(chain["final"]["tracker"])
     src = os.path.join(chain["ck"], f"iter_{it:07d}")

@@ -134,7 +134,8 @@ def test_sliding_window_in_bfloat16():
 def test_query_runs_are_the_load_balanced_positions(cp):
     """The CP attention's integer (local, global) runs name the positions the batch split gives
     each rank."""
-    from megatron_tw.model.cp_attention import _query_runs, load_balanced_positions
+    from megatron_tw.data.cp_layout import load_balanced_positions
+    from megatron_tw.data.cp_layout import query_runs as _query_runs
 
     for rank in range(cp):
         sq = 48 // cp

@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 
-from megatron_tw import reliability
+from megatron_tw.reliability import guard as reliability
 from megatron_tw.loss import token_weighted_loss
 from megatron_tw.reliability import NonFiniteError, check_finite, count_loss_tokens
 

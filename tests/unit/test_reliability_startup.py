@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megatron_tw.arguments import ConfigError
-from megatron_tw.reliability_args import (check_load_checkpoint, check_tokenizer_files,
+from megatron_tw.reliability.preflight import (check_load_checkpoint, check_tokenizer_files,
                                           checkpoint_problems)
 from tests.launch import TINY_MODEL, TINY_TRAINING
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from megatron_tw.scoring import offline
-from megatron_tw.scoring.precomputed import (
+from megatron_tw.data.short_loss import (
     SidecarError,
     Sidecar,
     WithShortLoss,

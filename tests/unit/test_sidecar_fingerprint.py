@@ -43,13 +43,13 @@ def gpt_train(prefix, *, seed=1234, num_samples=20):
 def fingerprint(dataset, seed=1234):
     import argparse
 
-    from megatron_tw.scoring.precomputed import dataset_fingerprint
+    from megatron_tw.data.short_loss import dataset_fingerprint
 
     return dataset_fingerprint(argparse.Namespace(seed=seed), dataset, "train")
 
 
 def test_gpt_fingerprint_follows_content_not_path(tmp_path):
-    from megatron_tw.scoring.precomputed import fingerprint_differences
+    from megatron_tw.data.short_loss import fingerprint_differences
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -73,7 +73,7 @@ def test_gpt_fingerprint_follows_content_not_path(tmp_path):
 
 def test_long_document_samples_are_prefix_stable_so_count_is_not_fingerprinted(tmp_path):
     from megatron_tw.data.long_document import build_long_document_datasets
-    from megatron_tw.scoring.precomputed import fingerprint_differences
+    from megatron_tw.data.short_loss import fingerprint_differences
 
     prefix = write_random_corpus(tmp_path / "docs", n_docs=30, min_len=40, max_len=200)
 
@@ -121,7 +121,7 @@ def test_flags_parse_without_the_sidecar(parse, tmp_path):
 
 
 def test_short_context_not_given_comes_from_the_sidecar(parse, tmp_path):
-    from megatron_tw.scoring.precomputed import FORMAT
+    from megatron_tw.data.short_loss import FORMAT
 
     prefix = tmp_path / "sl"
     for ext in ("bin", "idx"):

@@ -1,4 +1,4 @@
-"""compute_token_weights against a float64 plain-Python reference written from shared/METHOD.md.
+"""compute_token_weights against a float64 plain-Python reference written from docs/method.md.
 
 The reference works per sequence on the list of loss-masked tokens only, with Python floats and
 loops, one step at a time in the method's order. Its tie-break key is a Python-integer version
@@ -321,7 +321,7 @@ def test_ties_are_reproducible_random_and_layout_independent():
 
 
 def test_table1_worked_example():
-    """METHOD.md Table 1 ("<.01" read as .005): dense weights of the high-|d| tokens exceed 1."""
+    """docs/method.md Table 1 ("<.01" read as .005): dense weights of the high-|d| tokens exceed 1."""
     tokens = ["inspired", "by", "the", "prints", "in", "one", "of", "Mel", "qu", "i", "ades",
               "'", "books"]
     long = [8.75, .20, .58, 7.82, 1.32, 4.54, .02, 3.76, .02, .005, .01, .04, .26]

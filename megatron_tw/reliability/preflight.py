@@ -1,7 +1,7 @@
-"""The ``--tw-nonfinite*`` flags, and start-up checks of the files a run reads before step 1.
+"""Start-up checks of the files a run reads before step 1 (pure: they read files, change nothing).
 
 Checked once, at argument validation (before megatron initialises anything), each failure one
-:class:`~megatron_tw.arguments.ConfigError` naming the flag, the file and the fix:
+:class:`~megatron_tw.errors.ConfigError` naming the flag, the file and the fix:
 
 - ``--load``: the checkpoint megatron would resume from (the iteration named by
   ``latest_checkpointed_iteration.txt``, or ``--ckpt-step``) is complete: every file its metadata
@@ -11,8 +11,6 @@ Checked once, at argument validation (before megatron initialises anything), eac
   nothing) or a damaged/partly copied folder otherwise fails deep inside loading, or not at all.
 - ``--tokenizer-model`` and friends: the tokenizer file exists and is what ``--tokenizer-type``
   reads (a SentencePiece model must parse).
-
-Registered with ``megatron_tw.arguments`` on import (``_register_project_groups``).
 """
 
 from __future__ import annotations
@@ -24,43 +22,10 @@ import sys
 import zipfile
 from typing import Optional
 
-from megatron_tw.arguments import ConfigError, register_arg_check, register_arg_group
-from megatron_tw.reliability import NONFINITE_POLICIES, install_step_guard
+from megatron_tw.errors import ConfigError
 
 TRACKER = "latest_checkpointed_iteration.txt"
 SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
-
-
-@register_arg_group
-def add_reliability_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    group = parser.add_argument_group(title="non-finite values")
-    group.add_argument("--tw-nonfinite", choices=NONFINITE_POLICIES, default="stop",
-                       help="NaN/Inf in the loss, the short-context losses, the token weights or "
-                            "the gradients (docs/reliability.md). stop: end the run before the "
-                            "optimizer step, naming the tensor and iteration; skip: skip that "
-                            "iteration's update on every rank (parameters, optimizer state and "
-                            "LR schedule unchanged) and go on. --no-check-for-nan-in-loss-and-grad "
-                            "turns the checks off.")
-    group.add_argument("--tw-nonfinite-max-skips", type=int, default=10,
-                       help="With --tw-nonfinite skip: stop once more than this many consecutive "
-                            "iterations were skipped (a diverged run skips every step).")
-    return parser
-
-
-@register_arg_check
-def validate_reliability_args(args: argparse.Namespace) -> None:
-    if args.tw_nonfinite_max_skips < 0:
-        raise ConfigError("--tw-nonfinite-max-skips must be >= 0, got "
-                          f"{args.tw_nonfinite_max_skips}")
-    args.tw_check_nonfinite = bool(args.check_for_nan_in_loss_and_grad)
-    if args.tw_check_nonfinite:
-        if args.tw_nonfinite == "skip":
-            # megatron's own gradient check (DDP buckets, before the data-parallel reduction) is
-            # fatal; the step guard checks the same gradients after the reduction and skips.
-            args.check_for_nan_in_loss_and_grad = False
-        install_step_guard()
-    check_load_checkpoint(args)
-    check_tokenizer_files(args)
 
 
 # -- checkpoints --------------------------------------------------------------------------------
@@ -183,6 +148,12 @@ def _tracker_iteration(load_dir: str) -> Optional[str]:
         f"--load {load_dir}: {tracker} holds {text!r}, not an iteration (megatron truncates and "
         f"rewrites it at the end of every save: a kill at that moment empties it; megatron "
         f"would then exit with status 0 without training). {_resume_hint(load_dir, tracker)}")
+
+
+def check_run_files(args: argparse.Namespace) -> None:
+    """Every start-up file check: the checkpoint --load resumes from, the tokenizer files."""
+    check_load_checkpoint(args)
+    check_tokenizer_files(args)
 
 
 def check_load_checkpoint(args: argparse.Namespace) -> None:

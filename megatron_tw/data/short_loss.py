@@ -32,7 +32,7 @@ from typing import Optional
 import numpy
 import torch
 
-from megatron_tw.data.batch import register_per_token_key
+from megatron_tw.errors import ConfigError
 
 SPLITS = ("train", "valid", "test")
 FORMAT = "megatron_tw short-loss sidecar v1"
@@ -40,19 +40,8 @@ _SAMPLE = 1 << 20
 _IDX_MAGIC, _FLOAT32_CODE = b"MMIDIDX\x00\x00", 7  # megatron IndexedDataset header, DType.float32
 
 
-class SidecarError(ValueError):
+class SidecarError(ConfigError):
     """The sidecar cannot serve this run; the message names the file, the cause and the fix."""
-
-
-def uses_precomputed(args) -> bool:
-    """Whether the run reads short-context losses from a sidecar."""
-    from megatron_tw.token_weights import needs_scorer
-
-    return getattr(args, "tw_scorer", None) == "precomputed" and needs_scorer(args)
-
-
-# The losses travel with the batch: TP broadcast and CP split like the tokens.
-register_per_token_key("short_loss", torch.float32, enabled=uses_precomputed)
 
 
 # -- where ----------------------------------------------------------------------------------------
@@ -392,20 +381,24 @@ def attach_short_losses(args, datasets, num_samples) -> tuple:
     return tuple(wrapped)
 
 
-def check_precomputed_args(args) -> None:
-    """Flag-time checks for ``--tw-scorer precomputed``; fills W/mode/stride the run did not give
-    from the train split's sidecar, so every rank uses the values the losses were computed with."""
+def short_context_from_sidecar(args) -> dict:
+    """For ``--tw-scorer precomputed``: the W/mode/stride the run did not give, from the train
+    split's sidecar, so every rank uses the values the losses were computed with (pure: returns
+    the settings; megatron_tw.arguments applies them)."""
     prefix = sidecar_prefix(args)
     path = split_paths(prefix, "train")["json"]
     if not os.path.exists(path):
         # Flags alone must parse anywhere (launch scripts are checked off the cluster); a missing
         # sidecar is reported, with the command that writes it, when the datasets are built.
-        return
+        return {}
     stored = read_record(path).get("fingerprint", {}).get("short_context", {})
     given = getattr(args, "tw_given_flags", ())
+    settings = {}
     if args.tw_short_context is None:
-        args.tw_short_context = stored.get("window")
+        settings["tw_short_context"] = stored.get("window")
+    mode = args.tw_short_mode
     if "--tw-short-mode" not in given and stored.get("mode"):
-        args.tw_short_mode = stored["mode"]
-    if args.tw_short_stride is None and args.tw_short_mode == "windows":
-        args.tw_short_stride = stored.get("stride")
+        mode = settings["tw_short_mode"] = stored["mode"]
+    if args.tw_short_stride is None and mode == "windows":
+        settings["tw_short_stride"] = stored.get("stride")
+    return settings
