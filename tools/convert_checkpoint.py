@@ -10,7 +10,10 @@
         [--hf-config HF] [--dtype bfloat16]
 
 ``--direction hf-to-megatron|megatron-to-hf`` is accepted in place of the subcommand.
-Runs in one process on CPU; no GPU or network needed.
+Runs in one process on CPU; no GPU or network needed. A source that cannot convert (config.json
+malformed or not a model config, a tracker file without an iteration, an ``--out`` that cannot be
+written, ...) is one line ``convert_checkpoint.py: error: ...`` and exit status 1, with nothing
+left at ``--out``; temporary folders of a killed earlier run (``.<out>.tmp-<pid>``) are removed.
 """
 
 from __future__ import annotations
@@ -94,13 +97,30 @@ def main(argv=None) -> int:
                 args.load, args.out, hf_config=args.hf_config, dtype=_dtype(args.dtype),
                 tokenizer_from=args.tokenizer_from, tokenizer_model=args.tokenizer_model,
                 iteration=args.iteration, overwrite=args.overwrite)
+            _report_removed(summary)
             print(f"wrote {args.out}: {', '.join(summary['files'] + summary['tokenizer_files'])} "
                   f"(rope_theta {summary['rope_theta']:g}, max_position_embeddings "
                   f"{summary['max_position_embeddings']}, {summary['dtype']})")
+            if not summary["has_tokenizer"]:
+                print(f"no tokenizer: {summary['tokenizer_source']} has no tokenizer files "
+                      "(tokenizer.json, tokenizer.model, vocab.json), so AutoTokenizer cannot load "
+                      f"{args.out}; rerun with --tokenizer-from HF_DIR or --tokenizer-model "
+                      "FILE.model")
     except ConversionError as err:
-        print(f"convert_checkpoint.py: error: {err}", file=sys.stderr)
+        print(f"convert_checkpoint.py: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+    except OSError as err:  # e.g. a source file that cannot be read, a full disk
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"convert_checkpoint.py: error: {where}{err.strerror or err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _report_removed(summary: dict) -> None:
+    if summary.get("removed_stale"):
+        n = len(summary["removed_stale"])
+        print(f"removed {n} temporary folder{'s' if n > 1 else ''} of an interrupted earlier run: "
+              f"{', '.join(summary['removed_stale'])}")
 
 
 def _report_import(out: str, summary: dict) -> None:
@@ -108,9 +128,16 @@ def _report_import(out: str, summary: dict) -> None:
     tps = summary["compatible_tensor_parallel_sizes"]
     print(f"wrote megatron checkpoint {out} ({summary['architecture']}, {summary['dtype']}, "
           f"vocabulary {summary['vocab_size']} padded to {summary['padded_vocab_size']})")
+    _report_removed(summary)
     print(f"model flags (also in {os.path.join(out, 'megatron_args.txt')}):\n  {flags}")
-    print(f"load with: pretrain_tw.py <model flags> --pretrained-checkpoint {out} "
-          f"--tokenizer-type HuggingFaceTokenizer --tokenizer-model {out} ...")
+    if summary["has_tokenizer"]:
+        print(f"load with: pretrain_tw.py <model flags> --pretrained-checkpoint {out} "
+              f"--tokenizer-type HuggingFaceTokenizer --tokenizer-model {out} ...")
+    else:
+        print(f"no tokenizer: {summary['source']} has no tokenizer files (tokenizer.json, "
+              f"tokenizer.model, vocab.json), so {out} has none; load with: pretrain_tw.py "
+              f"<model flags> --pretrained-checkpoint {out} --tokenizer-type ... --tokenizer-model "
+              "<your tokenizer> ..., or rerun with --tokenizer-model FILE.model to ship one")
     print(f"tensor-parallel sizes that keep the padded vocabulary: {tps} (any pipeline size); "
           "pass --rotary-base / --seq-length / --max-position-embeddings after the model flags "
           "to extend the context (do not use --use-checkpoint-args: it restores the saved "

@@ -12,7 +12,10 @@ Inputs: JSON lines (``*.jsonl``/``*.json``), plain text files (one document per 
 folder of them. Every ``--tokenizer-*`` flag of megatron.training is accepted and means the
 same as in training, so the ids written are the ids the training run's tokenizer produces.
 Bad input (malformed JSON, missing key, invalid UTF-8) stops the run naming file and line,
-unless ``--skip-bad-lines``; nothing is written under the final names on failure.
+unless ``--skip-bad-lines``; so do an empty input, an unwritable ``--output-prefix`` and a
+``--tokenizer-model`` that is not a tokenizer (one line ``preprocess_data.py: error: ...``, exit
+status 1). Nothing is written under the final names on failure, and temporary files an
+interrupted earlier run left (``<prefix>_<key>_document.tmp-<pid>.*``) are removed.
 """
 
 import argparse
@@ -75,9 +78,13 @@ def main(argv=None) -> int:
         invalid_utf8=args.invalid_utf8, progress=False if args.no_progress_bar else None)
     try:
         summary = preprocess(cfg)
-    except (PreprocessError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}\nNothing was written under {args.output_prefix}_*_document.*",
-              file=sys.stderr)
+    except (PreprocessError, ValueError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+            message = f"{exc.filename}: {exc.strerror}"  # e.g. an input file that cannot be read
+        else:
+            message = " ".join(str(exc).split())
+        print(f"preprocess_data.py: error: {message} (nothing written under "
+              f"{args.output_prefix}_*_document.*)", file=sys.stderr)
         return 1
     print(summary.format())
     return 0

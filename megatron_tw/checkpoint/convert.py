@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Optional
 
 import torch
@@ -72,7 +73,8 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, rotary_base: Optional[int] = No
             spec.vocab_size, make_vocab_size_divisible_by, padded, spec),
         "dtype": str(dtype).replace("torch.", ""),
     }
-    with hf_io.atomic_output_dir(out_dir, overwrite) as tmp:
+    stale: list[str] = []
+    with hf_io.atomic_output_dir(out_dir, overwrite, removed=stale) as tmp:
         with megatron_io.single_process_megatron():
             args = megatron_io.parse_model_args(flags)
             model = megatron_io.build_model(args, padded, dtype)
@@ -81,9 +83,30 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, rotary_base: Optional[int] = No
         config.save_pretrained(tmp)
         summary["tokenizer_files"] = hf_io.copy_tokenizer(tmp, hf_folder=hf_dir,
                                                           tokenizer_model=tokenizer_model)
+        summary["has_tokenizer"] = hf_io.has_tokenizer(summary["tokenizer_files"])
         megatron_io.write_megatron_args(tmp, flags, summary)
     summary["flags"] = flags
+    summary["removed_stale"] = stale
     return summary
+
+
+def _checkpoint_dir(ckpt_dir: str, iteration: Optional[int]) -> str:
+    """megatron_io.checkpoint_data_dir, after checking the tracker file holds an iteration."""
+    tracker = os.path.join(ckpt_dir, megatron_io.TRACKER)
+    if iteration is None and os.path.isfile(tracker):
+        with open(tracker, encoding="utf-8", errors="replace") as f:
+            text = f.read().strip()
+        if text != "release" and not (text.isascii() and text.isdigit()):
+            saved = sorted(int(n[5:]) for n in os.listdir(ckpt_dir)
+                           if re.fullmatch(r"iter_[0-9]{7}", n))
+            fix = (f"write the iteration to load into it (the newest saved: {saved[-1]}) or pass "
+                   "--iteration N" if saved else
+                   "write the saved iteration number (or 'release') into it, or pass --iteration N")
+            first = text.splitlines()[0] if text else ""
+            shown = first[:40] + (" ..." if len(first) > 40 or first != text else "")
+            raise ConversionError(f"{tracker}: holds {shown!r}, not an iteration number or "
+                                  f"'release' (an interrupted save?); {fix}")
+    return megatron_io.checkpoint_data_dir(ckpt_dir, iteration)
 
 
 # checkpoint arg -> HFModelSpec field: what must agree between a checkpoint and its HF template
@@ -118,7 +141,7 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, hf_config: Optional[str] = No
     that hf_to_megatron left in ``ckpt_dir``). The RoPE base and context length a run trained with
     (``--rotary-base``, ``--seq-length``, from the checkpoint's saved args) replace the template's.
     """
-    data_dir = megatron_io.checkpoint_data_dir(ckpt_dir, iteration)
+    data_dir = _checkpoint_dir(ckpt_dir, iteration)
     template = hf_config or ckpt_dir
     if not os.path.exists(os.path.join(template, "config.json")) and not os.path.isfile(template):
         raise ConversionError(f"{ckpt_dir}: no config.json; pass --hf-config <the source HF folder>")
@@ -135,7 +158,8 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, hf_config: Optional[str] = No
     flags = megatron_args_from_hf_config(spec)
     saved_dtype = _checkpoint_dtype(data_dir)
     out_dtype = dtype or hf_io.hf_dtype(config) or saved_dtype
-    with hf_io.atomic_output_dir(out_dir, overwrite) as tmp:
+    stale: list[str] = []
+    with hf_io.atomic_output_dir(out_dir, overwrite, removed=stale) as tmp:
         with megatron_io.single_process_megatron():
             args = megatron_io.parse_model_args(flags)
             model = megatron_io.build_model(args, padded, saved_dtype)
@@ -149,8 +173,10 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, hf_config: Optional[str] = No
         tokenizer = hf_io.copy_tokenizer(tmp, hf_folder=tokenizer_from or template,
                                          tokenizer_model=tokenizer_model)
     return {"checkpoint": data_dir, "files": files, "tokenizer_files": tokenizer,
+            "has_tokenizer": hf_io.has_tokenizer(tokenizer),
+            "tokenizer_source": tokenizer_model or tokenizer_from or template,
             "rope_theta": spec.rope_theta, "max_position_embeddings": spec.max_position_embeddings,
-            "dtype": str(out_dtype).replace("torch.", "")}
+            "dtype": str(out_dtype).replace("torch.", ""), "removed_stale": stale}
 
 
 def _checkpoint_dtype(data_dir: str) -> torch.dtype:

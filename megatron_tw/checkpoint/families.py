@@ -83,6 +83,14 @@ def _get(config: Any, name: str, default=None):
     return getattr(config, name, default)
 
 
+def _required_int(config: Any, name: str) -> int:
+    value = _get(config, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise ConversionError(f"config field {name}={value!r}: an integer is required "
+                              "(add it to config.json)")
+    return int(value)
+
+
 def rope_parameters(config: Any) -> dict:
     """``rope_theta`` and scaling, from transformers 5.x ``rope_parameters`` or 4.x fields."""
     params = dict(_get(config, "rope_parameters") or {})
@@ -137,9 +145,16 @@ def spec_from_hf_config(config: Any) -> HFModelSpec:
             f"config field sliding_window={window}: megatron attends over the whole causal context, "
             "so logits would differ beyond the window. Set sliding_window to null in config.json "
             "(as Mistral v0.2+ does) if full attention is intended")
-    hidden = int(_get(config, "hidden_size"))
-    heads = int(_get(config, "num_attention_heads"))
+    hidden = _required_int(config, "hidden_size")
+    heads = _required_int(config, "num_attention_heads")
     kv_heads = int(_get(config, "num_key_value_heads") or heads)
+    if heads <= 0 or kv_heads <= 0:
+        raise ConversionError(f"config fields num_attention_heads={heads}, num_key_value_heads="
+                              f"{kv_heads}: must be positive")
+    if hidden % heads and _get(config, "head_dim") is None:
+        raise ConversionError(f"config field hidden_size={hidden} is not divisible by "
+                              f"num_attention_heads={heads} and no head_dim is given; fix one of "
+                              "them (the head size is hidden_size / num_attention_heads)")
     if heads % kv_heads:
         raise ConversionError(f"num_attention_heads={heads} is not a multiple of "
                               f"num_key_value_heads={kv_heads}")
@@ -157,14 +172,14 @@ def spec_from_hf_config(config: Any) -> HFModelSpec:
                               "(supported: none, llama3)")
     return HFModelSpec(
         architecture=arch,
-        num_layers=int(_get(config, "num_hidden_layers")),
+        num_layers=_required_int(config, "num_hidden_layers"),
         hidden_size=hidden,
-        ffn_hidden_size=int(_get(config, "intermediate_size")),
+        ffn_hidden_size=_required_int(config, "intermediate_size"),
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=int(_get(config, "head_dim") or hidden // heads),
-        vocab_size=int(_get(config, "vocab_size")),
-        max_position_embeddings=int(_get(config, "max_position_embeddings")),
+        vocab_size=_required_int(config, "vocab_size"),
+        max_position_embeddings=_required_int(config, "max_position_embeddings"),
         norm_eps=float(_get(config, "rms_norm_eps")),
         rope_theta=float(rope["rope_theta"]),
         rope_scaling_factor=factor,

@@ -46,10 +46,19 @@ def read_token_stream(path: str, tokenizer=None, max_tokens: Optional[int] = Non
                 if not line.strip():
                     continue
                 try:
-                    text = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError) as err:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{line_no}: malformed JSON ({err.msg} at column "
+                                     f"{err.colno}); expected a JSON object with a 'text' "
+                                     "field: fix the line") from err
+                text = obj.get("text") if isinstance(obj, dict) else None
+                if not isinstance(text, str):
+                    got = (f"a JSON {_json_type(obj)}" if not isinstance(obj, dict) else
+                           "no 'text' field" if "text" not in obj else
+                           f"'text' holding a JSON {_json_type(obj['text'])}")
                     raise ValueError(f"{path}:{line_no}: expected a JSON object with a 'text' "
-                                     f"field ({err})") from err
+                                     f"string, got {got}; fix the line (one "
+                                     '{"text": "..."} object per line)')
                 ids += tokenizer.encode(text)
                 if tokenizer.eod_id is not None:
                     ids.append(tokenizer.eod_id)
@@ -72,6 +81,11 @@ def read_token_stream(path: str, tokenizer=None, max_tokens: Optional[int] = Non
                 break
         stream = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
     return stream[:max_tokens] if max_tokens is not None else stream
+
+
+def _json_type(value) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null",
+            int: "number", float: "number"}.get(type(value), type(value).__name__)
 
 
 def cut_sequences(stream: torch.Tensor, length: int, max_sequences: Optional[int] = None,

@@ -76,6 +76,7 @@ class Encoder:
                 return EncodedRecord(nbytes, error=error)
         else:
             fields = {self.json_keys[0]: text}
+        del text  # the decoded line: only the parsed strings are needed (long lines: memory)
 
         documents = {}
         for key in self.json_keys:

@@ -10,7 +10,10 @@ the main process (no pool, same code path per record).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import multiprocessing
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -23,7 +26,12 @@ from megatron_tw.data.preprocess.inputs import (
 )
 from megatron_tw.data.preprocess.progress import Progress
 from megatron_tw.data.preprocess.tokenizer import build_tokenizer
-from megatron_tw.data.preprocess.writer import AtomicDatasetWriter, output_prefix, token_dtype
+from megatron_tw.data.preprocess.writer import (
+    AtomicDatasetWriter,
+    output_prefix,
+    remove_stale_temporaries,
+    token_dtype,
+)
 
 MAX_REPORTED_BAD_LINES = 5
 
@@ -62,6 +70,7 @@ class PreprocessSummary:
     replaced_utf8: int = 0
     seconds: float = 0.0
     outputs: dict[str, tuple[str, str]] = field(default_factory=dict)
+    stale_removed: list[str] = field(default_factory=list)  # an interrupted run's temp files
 
     def format(self) -> str:
         mb = self.input_bytes / 1e6
@@ -79,6 +88,10 @@ class PreprocessSummary:
         lines += [f"    skipped: {message}" for message in self.bad_examples]
         if self.skipped_bad > len(self.bad_examples):
             lines.append(f"    ... and {self.skipped_bad - len(self.bad_examples)} more")
+        if self.stale_removed:
+            n = len(self.stale_removed)
+            lines.append(f"  removed {n} temporary file{'s' if n > 1 else ''} of an interrupted "
+                         f"earlier run: {', '.join(self.stale_removed)}")
         for key, (bin_path, idx_path) in self.outputs.items():
             lines.append(f"  [{key}] -> {bin_path}, {idx_path}")
         return "\n".join(lines)
@@ -94,6 +107,74 @@ def _validate(cfg: PreprocessConfig, files) -> None:
         raise PreprocessError(
             f"plain text inputs are one document per file under a single key, but "
             f"--json-keys is {cfg.json_keys}: pass one key (e.g. --json-keys text)")
+    if total_input_bytes(files) == 0:
+        raise PreprocessError(
+            f"--input {' '.join(map(str, cfg.inputs))}: the input is empty (0 bytes); a dataset "
+            "needs at least one document: check the path or the step that wrote it")
+
+
+def _check_output_prefix(prefix: str) -> list[str]:
+    """The folders ``--output-prefix`` needs that do not exist yet (outermost first); raises if a
+    path component is a file."""
+    folder = os.path.dirname(os.path.abspath(prefix))
+    missing = []
+    while not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise PreprocessError(
+            f"--output-prefix {prefix}: {folder} is a file, not a folder; choose a prefix "
+            "inside a folder (missing folders are created)")
+    return missing[::-1]
+
+
+def _unwritable(prefix: str, path: str, exc: OSError) -> PreprocessError:
+    fix = ("free space or choose a folder on another disk" if exc.errno == errno.ENOSPC else
+           "choose a folder you can write to")
+    return PreprocessError(
+        f"--output-prefix {prefix}: cannot write {path} ({exc.strerror or exc}); {fix}")
+
+
+@contextlib.contextmanager
+def _writing(prefix: str, path: str):
+    """Turn an OSError while creating or writing the output into the one-line error."""
+    try:
+        yield
+    except OSError as exc:
+        raise _unwritable(prefix, path, exc) from exc
+
+
+def _make_folders(prefix: str, missing: list[str]) -> list[str]:
+    """Create the missing output folders; returns those created (to remove on failure)."""
+    created = []
+    try:
+        for folder in missing:
+            with _writing(prefix, folder):
+                os.mkdir(folder)
+            created.append(folder)
+    except BaseException:
+        _remove_folders(created)
+        raise
+    return created
+
+
+def _remove_folders(created: list[str]) -> None:
+    for folder in reversed(created):
+        try:
+            os.rmdir(folder)  # only while empty: never anything that another process put there
+        except OSError:
+            pass
+
+
+def _check_documents(cfg: PreprocessConfig, summary: PreprocessSummary) -> None:
+    """Refuse to write a dataset with no document (GPTDataset cannot sample from it)."""
+    for key, count in summary.documents.items():
+        if count == 0:
+            raise PreprocessError(
+                f"--input {' '.join(map(str, cfg.inputs))}: no non-empty document for key "
+                f"{key!r} ({summary.records} records: {summary.blank_lines} blank lines, "
+                f"{summary.empty[key]} empty documents, {summary.skipped_bad} skipped bad lines); "
+                "a dataset needs at least one document: check the input and --json-keys")
 
 
 _POOL_ENCODER: Encoder | None = None  # set in each worker process by its initializer
@@ -119,6 +200,7 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
     except FileNotFoundError as exc:
         raise PreprocessError(str(exc)) from exc
     _validate(cfg, files)
+    missing_folders = _check_output_prefix(cfg.output_prefix)
     tokenizer = build_tokenizer(cfg.tokenizer_args)
     if cfg.append_eod and tokenizer.eod is None:
         raise PreprocessError("--append-eod: this tokenizer defines no EOD/EOS token")
@@ -129,12 +211,18 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
     summary = PreprocessSummary(documents={k: 0 for k in cfg.json_keys},
                                 tokens={k: 0 for k in cfg.json_keys},
                                 empty={k: 0 for k in cfg.json_keys})
-    writers = {k: AtomicDatasetWriter(output_prefix(cfg.output_prefix, k), dtype)
-               for k in cfg.json_keys}
-    progress = Progress(total_input_bytes(files), cfg.log_interval, cfg.progress)
+    created = _make_folders(cfg.output_prefix, missing_folders)
+    writers: dict[str, AtomicDatasetWriter] = {}
+    progress = None
     start = time.perf_counter()
     pool = None
     try:
+        for key in cfg.json_keys:
+            prefix = output_prefix(cfg.output_prefix, key)
+            summary.stale_removed += remove_stale_temporaries(prefix)
+            with _writing(cfg.output_prefix, os.path.dirname(os.path.abspath(prefix))):
+                writers[key] = AtomicDatasetWriter(prefix, dtype)
+        progress = Progress(total_input_bytes(files), cfg.log_interval, cfg.progress)
         records = iter_records(files)
         if cfg.workers == 1:
             encoder.initializer(tokenizer)
@@ -148,16 +236,21 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
         for result in results:
             _consume(result, cfg, writers, summary)
             progress.update(summary.records, result.nbytes)
-        summary.outputs = {k: w.commit() for k, w in writers.items()}
+        _check_documents(cfg, summary)
+        for key, writer in writers.items():
+            with _writing(cfg.output_prefix, writer.prefix + ".bin/.idx"):
+                summary.outputs[key] = writer.commit()
     except BaseException:
         for writer in writers.values():
             writer.abort()
+        _remove_folders(created)
         raise
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
-        progress.close()
+        if progress is not None:
+            progress.close()
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -180,6 +273,7 @@ def _consume(result: EncodedRecord, cfg: PreprocessConfig, writers, summary) -> 
         if ids.size == 0:
             summary.empty[key] += 1  # a zero-length sequence would break GPTDataset
             continue
-        writers[key].add(ids)
+        with _writing(cfg.output_prefix, writers[key].tmp_prefix + ".bin"):
+            writers[key].add(ids)
         summary.documents[key] += 1
         summary.tokens[key] += int(ids.size)

@@ -5,12 +5,15 @@ folder; only ``commit()`` renames them to the final names. An interrupted or fai
 leaves no file under the final name (a previous dataset there stays intact until the new
 one is complete), and ``abort()`` removes the temporary files. The rename order is .bin
 then .idx, after removing any old .idx: megatron reads a dataset only when both exist, so
-there is never a final .idx next to a .bin of another run.
+there is never a final .idx next to a .bin of another run. A run killed before it could
+clean up (SIGKILL, out of memory) leaves ``<prefix>.tmp-<pid>.*``; the next run with the same
+prefix removes them (``remove_stale_temporaries``) unless that process is still running.
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 import numpy
 from megatron.core.datasets.indexed_dataset import (
@@ -24,6 +27,15 @@ from megatron.core.datasets.indexed_dataset import (
 def output_prefix(prefix: str, key: str, level: str = "document") -> str:
     """Megatron-LM's naming: ``<output-prefix>_<json-key>_<level>``."""
     return f"{prefix}_{key}_{level}"
+
+
+def remove_stale_temporaries(prefix: str) -> list[str]:
+    """Remove ``<prefix>.tmp-<pid>.bin/.idx`` left by runs that no longer exist; returns them."""
+    from megatron_tw.leftovers import remove_stale
+
+    folder = os.path.dirname(os.path.abspath(prefix))
+    pattern = re.escape(os.path.basename(prefix)) + r"\.tmp-(?P<pid>[0-9]+)\.(?:bin|idx)"
+    return remove_stale(folder, pattern)
 
 
 def token_dtype(vocab_size: int):
