@@ -16,8 +16,9 @@
         --out results/compare
 
 Writes OUT/results.json, OUT/results.md and PNG plots (loss_by_position, ppl_vs_context,
-needle_heatmap). Runs in one process on CPU or one GPU; a megatron checkpoint saved under any
-TP x PP layout is loaded by megatron-core itself (no conversion). Tasks: niah_single_1..3,
+needle_heatmap). Runs in one process on one GPU when there is one (--device auto), else on the
+CPU; a megatron checkpoint saved under any TP x PP layout is loaded by megatron-core itself (no
+conversion). Tasks: niah_single_1..3,
 niah_multikey_1..3, niah_multivalue, niah_multiquery, vt, cwe, fwe, or "all".
 """
 
@@ -58,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start every prompt and every held-out sequence with BOS, as training "
                         "windows do under --tw-long-document-sampling")
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: the current CUDA device when there is one, else the CPU; cpu "
+                        "hides the GPUs from this process (CUDA_VISIBLE_DEVICES=); cuda fails "
+                        "without one")
     m.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
     m.add_argument("--seed", type=int, default=42, help="task generation seed")
     m.add_argument("--out", required=True, help="output folder")
@@ -153,6 +158,10 @@ def main(argv=None) -> int:
         build_parser().error("--ppl-length/--ppl-context-lengths/--short-ppl-length need --heldout")
     if cfg.longppl_window and not cfg.ppl_length:
         build_parser().error("--longppl-window needs --ppl-length (the long context)")
+    if cfg.device == "cpu":
+        # megatron-core puts its buffers on the current CUDA device whenever CUDA is visible;
+        # hidden, both backends run on the CPU with the project's CPU measures (runtime/cpu.py)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     from megatron_tw.eval.haystack import HaystackError
     from megatron_tw.eval.run import evaluate
     from megatron_tw.eval.tokenizer import TokenizerError
@@ -160,7 +169,11 @@ def main(argv=None) -> int:
     try:
         evaluate(cfg)
     except (TokenizerError, HaystackError, ValueError) as err:
-        print(f"evaluate.py: error: {err}", file=sys.stderr)
+        print(f"evaluate.py: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+    except OSError as err:  # e.g. a --heldout file that cannot be read
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"evaluate.py: error: {where}{err.strerror or err}", file=sys.stderr)
         return 1
     return 0
 

@@ -9,6 +9,17 @@ check both (tests/e2e/test_evaluate.py).
 
 The model may be evaluated beyond the context it was trained at: RoPE has no length limit, and
 ``max_position_embeddings`` is raised to the longest sequence asked for.
+
+Device: the model is built on the CPU (``use_cpu_initialization``), loaded, cast to ``dtype`` and
+then moved to the compute device (``runtime.compute_device()``: the current CUDA device when there
+is one). The Transformer Engine layer spec is kept only when CUDA is present and TE imports; else
+the local spec (``transformer_impl="local"``, the project's ContextParallelDotProductAttention).
+
+Greedy decoding uses megatron-core's own KV cache, ``StaticInferenceContext``, driven as its
+static-batching text generation controller drives it: one forward over the prompt (the prefill,
+``sequence_len_offset`` 0), then one forward per new token with ``sequence_len_offset`` advanced
+by the tokens already cached. Attention then sees sq new queries against sk = offset + sq cached
+keys (causal, lower-right aligned; the local spec's core attention handles sq < sk).
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ _ONE_PROCESS = dict(
     hierarchical_context_parallel_sizes=None, recompute_granularity=None,
     recompute_method=None, recompute_num_layers=None, fp8=None,
     attention_dropout=0.0, hidden_dropout=0.0, use_cpu_initialization=True,
+    flash_decode=False,  # greedy() drives megatron's plain static KV cache (see the module doc)
 )
 # Kernels that exist only on CUDA (see megatron_tw/arguments.py: the CPU defaults).
 _NO_CUDA = dict(
@@ -73,8 +85,9 @@ class MegatronBackend(ModelBackend):
     name = "megatron"
 
     def __init__(self, model, vocab_size: int, stack: contextlib.ExitStack, batch_size: int = 8,
-                 info: Optional[dict] = None):
-        self.model = model.eval()
+                 info: Optional[dict] = None, device=None):
+        self.device = _megatron_device(device)
+        self.model = model.to(self.device).eval()
         self.vocab_size = int(vocab_size)
         self.batch_size = batch_size
         self._stack = stack
@@ -83,17 +96,21 @@ class MegatronBackend(ModelBackend):
     @classmethod
     def from_checkpoint(cls, folder: str, *, vocab_size: Optional[int] = None,
                         dtype: torch.dtype = torch.float32, batch_size: int = 8,
-                        iteration: Optional[int] = None, max_length: Optional[int] = None):
+                        iteration: Optional[int] = None, max_length: Optional[int] = None,
+                        device=None):
         """Load ``folder`` (the directory given to ``--save``, or an iteration folder).
 
         vocab_size: the tokenizer's vocabulary; logits are cut to it (default: the checkpoint's
             ``vocab_size`` argument, else the padded embedding rows).
+        device: default ``runtime.compute_device()``, the only device megatron-core allocates its
+            own buffers on (RoPE frequencies, the KV cache).
         """
         from megatron_tw.checkpoint import megatron_io
 
         stack = contextlib.ExitStack()
         try:
             stack.enter_context(megatron_io.single_process_megatron())
+            device = _megatron_device(device)
             data_dir = megatron_io.checkpoint_data_dir(folder, iteration)
             ckpt_args = megatron_io.checkpoint_args(data_dir)
             args = single_process_args(ckpt_args, max_length)
@@ -113,7 +130,11 @@ class MegatronBackend(ModelBackend):
         info = {"checkpoint": data_dir, "padded_vocab_size": padded,
                 "trained_seq_length": getattr(ckpt_args, "seq_length", None),
                 "rotary_base": getattr(ckpt_args, "rotary_base", None)}
-        return cls(model, vocab, stack, batch_size, info)
+        try:
+            return cls(model, vocab, stack, batch_size, info, device=device)
+        except BaseException:
+            stack.close()
+            raise
 
     def logits(self, ids: torch.Tensor, keep: Optional[int] = None) -> torch.Tensor:
         """ids [b, s] -> logits [b, s, padded vocab]: GPTModel's forward without labels (on one
@@ -121,19 +142,64 @@ class MegatronBackend(ModelBackend):
         ``keep`` < s only the last ``keep`` positions reach the output layer ([b, keep, V]):
         short-context windows need one position each, and the vocabulary projection dominates the
         cost of a small model."""
+        ids = ids.to(self.device)
         self._grow_rope(ids.shape[1])
-        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        positions = torch.arange(ids.shape[1], device=self.device).expand_as(ids)
+        return self._forward(ids, positions, keep)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, keep: Optional[int],
+                 inference_context=None) -> torch.Tensor:
         if keep is None or keep >= ids.shape[1]:
-            return self.model(ids, positions, None)
+            return self.model(ids, positions, None, inference_context=inference_context)
 
         def last_positions(module, args, kwargs):  # hidden states [s, b, h] -> [keep, b, h]
             return (args[0][-keep:], *args[1:]), kwargs
 
         hook = self.model.output_layer.register_forward_pre_hook(last_positions, with_kwargs=True)
         try:
-            return self.model(ids, positions, None)
+            return self.model(ids, positions, None, inference_context=inference_context)
         finally:
             hook.remove()
+
+    def greedy(self, ids, max_new_tokens: int, stop_ids=()) -> list[int]:
+        """Greedy continuation with megatron-core's static KV cache: one forward over the prompt,
+        then one single-token forward per new token (see the module doc). Same contract as
+        :meth:`ModelBackend.greedy` (argmax over ``vocab_size``; a stop id ends it, not returned).
+
+        Only the last position reaches the output layer (the ``keep`` hook of :meth:`_forward`):
+        megatron's own ``materialize_only_last_token_logits`` acts only under its process-wide
+        ``InferenceMode`` flag, which this backend leaves alone.
+        """
+        if getattr(self.model.config, "window_size", None) is not None:
+            # the local core attention's sliding-window paths number the queries from 0, which
+            # a cache offset breaks: decode such a model by full forwards
+            return super().greedy(ids, max_new_tokens, stop_ids)
+        if max_new_tokens <= 0:
+            return []
+        import warnings
+
+        with warnings.catch_warnings():  # the package __init__ warns about its own imports
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from megatron.core.inference.contexts.static_context import StaticInferenceContext
+
+        tokens = torch.tensor(list(ids), dtype=torch.long, device=self.device)[None]
+        total = tokens.shape[1] + max_new_tokens
+        self._grow_rope(total)
+        context = StaticInferenceContext(max_batch_size=1, max_sequence_length=total)
+        new: list[int] = []
+        with torch.no_grad():
+            for _ in range(max_new_tokens):
+                start = context.sequence_len_offset  # tokens already in the cache
+                positions = torch.arange(start, start + tokens.shape[1], device=self.device)[None]
+                logits = self._forward(tokens, positions, 1, inference_context=context)
+                context.increment_sequence_len_offset(tokens.shape[1])
+                context.enable_decode_mode()
+                nxt = logits[0, -1, :self.vocab_size].argmax()
+                if int(nxt) in stop_ids:
+                    break
+                new.append(int(nxt))
+                tokens = nxt.view(1, 1)
+        return new
 
     def _grow_rope(self, length: int) -> None:
         # megatron caches nothing length-bound for RoPE on CPU (it computes the frequencies for
@@ -149,6 +215,26 @@ class MegatronBackend(ModelBackend):
         if self._stack is not None:
             self._stack.close()
             self._stack = None
+
+
+def _megatron_device(device=None) -> torch.device:
+    """The device for the model: default and only choice ``runtime.compute_device()``.
+
+    megatron-core puts its own buffers (RoPE frequencies, the static KV cache) on
+    ``torch.cuda.current_device()`` whenever CUDA is present, so on a CUDA machine the model must
+    be on that device; on a CPU machine the runtime's CPU measures redirect those buffers to the
+    CPU. To evaluate on the CPU of a GPU machine, hide the GPUs (``tools/evaluate.py --device
+    cpu`` does: CUDA_VISIBLE_DEVICES="")."""
+    from megatron_tw import runtime
+    from megatron_tw.eval.backends import resolve_device
+
+    want = runtime.compute_device()
+    got = resolve_device(device)
+    if got != want:
+        raise ValueError(f"--device {got}: the megatron backend runs on {want}, the device "
+                         "megatron-core allocates its buffers on; to run on the CPU hide the GPUs "
+                         "(CUDA_VISIBLE_DEVICES= or tools/evaluate.py --device cpu)")
+    return got
 
 
 def _saved_dtype(data_dir: str) -> torch.dtype:

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from megatron_tw.eval import perplexity as ppl
-from megatron_tw.eval.backends import detect_model_type, load_backend
+from megatron_tw.eval.backends import detect_model_type, load_backend, resolve_device
 from megatron_tw.eval.report import write_report
 from megatron_tw.eval.ruler import needle_grid, run_tasks
 from megatron_tw.eval.tokenizer import TokenizerError, load_tokenizer
@@ -42,12 +42,14 @@ def default_tokenizer(model: str, model_type: str) -> str:
 
 def _load(path, model_type, vocab, cfg, max_length):
     return load_backend(path, model_type, vocab_size=vocab, dtype=DTYPES[cfg.dtype],
-                        batch_size=cfg.batch_size, max_length=max_length)
+                        batch_size=cfg.batch_size, max_length=max_length,
+                        device=resolve_device(getattr(cfg, "device", "auto")))
 
 
 def evaluate(cfg, log=print) -> dict:
     """Run the configured sections; write results.json/.md and plots to ``cfg.out``."""
     start = time.perf_counter()
+    device = resolve_device(getattr(cfg, "device", "auto"))  # --device cuda without one: fail now
     torch.manual_seed(cfg.seed)
     model_type = cfg.model_type if cfg.model_type != "auto" else detect_model_type(cfg.model)
     tokenizer = load_tokenizer(cfg.tokenizer or default_tokenizer(cfg.model, model_type),
@@ -63,13 +65,15 @@ def evaluate(cfg, log=print) -> dict:
                                "path": os.path.abspath(cfg.model), "type": model_type,
                                "tokenizer": tokenizer.name},
                      "config": {k: v for k, v in vars(cfg).items() if not callable(v)}}
-    log(f"evaluating {cfg.model} ({model_type}) with {tokenizer.name}")
+    log(f"evaluating {cfg.model} ({model_type}) with {tokenizer.name} on {device}")
+    # the held-out text is read (and checked) before the model is loaded: a bad line fails fast
+    stream = _read_heldout(cfg, tokenizer, longest) if cfg.heldout else None
     backend = _load(cfg.model, model_type, tokenizer.vocab_size, cfg, longest)
     scorer = None
     try:
         results["model"].update(getattr(backend, "info", {}))
         if cfg.heldout:
-            scorer = _perplexity_sections(backend, tokenizer, cfg, results, longest, log)
+            scorer = _perplexity_sections(backend, tokenizer, cfg, results, longest, stream, log)
         if tasks:
             log(f"synthetic tasks {','.join(tasks)} at {cfg.lengths} ({cfg.samples} samples)")
             results["tasks"] = run_tasks(backend, tokenizer, tasks, cfg.lengths, cfg.samples,
@@ -91,14 +95,22 @@ def evaluate(cfg, log=print) -> dict:
     return results
 
 
-def _perplexity_sections(backend, tokenizer, cfg, results, longest, log) -> Optional[object]:
-    """Loss by position, ppl vs context, short-context ppl and LongPPL; returns the separate
-    LongPPL scorer backend (for the caller to close) or None."""
-    span = cfg.ppl_span or (cfg.ppl_length or longest) * (cfg.ppl_sequences or 16)
+def _span(cfg, longest: int) -> int:
+    return cfg.ppl_span or (cfg.ppl_length or longest) * (cfg.ppl_sequences or 16)
+
+
+def _read_heldout(cfg, tokenizer, longest: int) -> torch.Tensor:
     # BOS (--add-bos) starts every held-out sequence, not every document of the stream
+    return ppl.read_token_stream(cfg.heldout, dataclasses.replace(tokenizer, add_bos=False),
+                                 max_tokens=max(_span(cfg, longest), longest))
+
+
+def _perplexity_sections(backend, tokenizer, cfg, results, longest, stream,
+                         log) -> Optional[object]:
+    """Loss by position, ppl vs context, short-context ppl and LongPPL on the held-out token
+    ``stream``; returns the separate LongPPL scorer backend (for the caller to close) or None."""
+    span = _span(cfg, longest)
     bos = tokenizer.bos_id if cfg.add_bos else None
-    stream = ppl.read_token_stream(cfg.heldout, dataclasses.replace(tokenizer, add_bos=False),
-                                   max_tokens=max(span, longest))
     log(f"held-out {cfg.heldout}: {stream.numel()} tokens read")
     scorer = None
     if cfg.ppl_length:

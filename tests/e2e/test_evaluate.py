@@ -63,13 +63,13 @@ def models(tmp_path_factory):
             "tokenizer": root / "tok.model"}
 
 
-def _evaluate(models, model_dir, out):
+def _evaluate(models, model_dir, out, extra=()):
     from tests.launch import env
 
     args = [a.replace("HELD", str(models["held"])) for a in COMMON]
     proc = subprocess.run([sys.executable, "tools/evaluate.py", "--model", str(model_dir),
-                           "--out", str(out), *args], cwd=ROOT, env=env(), capture_output=True,
-                          text=True, timeout=300)
+                           "--out", str(out), *args, *extra], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "results.json").read_text()), proc.stdout
 
@@ -92,10 +92,10 @@ def _reference_ppl(models, length=64, n=6):
 
 
 def test_megatron_checkpoint_and_hf_export_evaluate_alike(models, tmp_path):
-    mg, mg_log = _evaluate(models, models["ckpt"], tmp_path / "megatron")
-    hf, _ = _evaluate(models, models["export"], tmp_path / "hf")
+    mg, mg_log = _evaluate(models, models["ckpt"], tmp_path / "megatron", ["--device", "cpu"])
+    hf, _ = _evaluate(models, models["export"], tmp_path / "hf")  # --device auto
     assert mg["model"]["type"] == "megatron" and hf["model"]["type"] == "hf"
-    assert "ppl @ 64" in mg_log and "LongPPL" in mg_log
+    assert "ppl @ 64" in mg_log and "LongPPL" in mg_log and " on cpu" in mg_log
 
     want = _reference_ppl(models)
     assert mg["loss_by_position"]["ppl"] == pytest.approx(want, rel=1e-4)
@@ -152,6 +152,19 @@ def test_bad_inputs_are_named_errors(models, tmp_path):
                            "--out", str(tmp_path / "y")], cwd=ROOT, env=env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "--model-type" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_device_cuda_without_a_gpu_is_a_one_line_error(tmp_path):
+    from tests.launch import env
+
+    proc = subprocess.run([sys.executable, "tools/evaluate.py", "--model", str(tmp_path),
+                           "--device", "cuda", "--out", str(tmp_path / "x")], cwd=ROOT,
+                          env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("evaluate.py: error: --device cuda"), \
+        proc.stderr
 
 
 @pytest.mark.slow
