@@ -52,6 +52,9 @@ RUN python -c "import torch; print(torch.__version__)" > /tmp/torch-version.txt 
         safetensors==0.8.0 \
         tokenizers==0.23.3 \
         pytest==9.2.0 \
+        matplotlib \
+        wonderwords==3.0.1 \
+        wandb \
     && python -c "import torch; print(torch.__version__)" | diff - /tmp/torch-version.txt
 
 COPY pyproject.toml README.md ./

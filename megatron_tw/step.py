@@ -10,6 +10,7 @@ bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from typing import Optional
 
@@ -120,6 +121,21 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False, *,
     return output_tensor, partial(token_weighted_loss, batch["loss_mask"], weight_fn)
 
 
+@contextlib.contextmanager
+def _rng_untouched():
+    """Building the scorer's modules draws (discarded) initial weights and reseeds per layer;
+    restore the default, CUDA and megatron tracker generators afterwards, so a weighted run
+    draws the same random numbers (dropout, data order) as a uniform one."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    tracker = get_cuda_rng_tracker()
+    states = tracker.get_states()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+    tracker.set_states(states)
+
+
 def scorer_setup_hook(model_provider, scorer: Optional[Scorer]):
     """Wrap megatron's model provider so the scorer builds its model once, right after the
     trainee's (first) chunk: megatron is initialised there, every rank passes through it (the
@@ -132,7 +148,8 @@ def scorer_setup_hook(model_provider, scorer: Optional[Scorer]):
         model = model_provider(*args, **kwargs)
         if not getattr(scorer, "_set_up", False):
             try:
-                scorer.setup(model)
+                with _rng_untouched():
+                    scorer.setup(model)
             except ConfigError as err:  # e.g. --tw-scorer-load of another vocabulary
                 raise SystemExit(f"pretrain_tw.py: error: {err}") from None
             scorer._set_up = True

@@ -15,7 +15,7 @@ def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         reason = "needs a CUDA GPU"
     elif importlib.util.find_spec("transformer_engine") is None:
-        reason = "needs Transformer Engine (pip install 'megatron-tw[gpu]')"
+        reason = "needs Transformer Engine (docs/gpu.md shows the install)"
     if reason:
         for item in items:
             if "gpu" in item.keywords:

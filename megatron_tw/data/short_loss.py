@@ -166,7 +166,11 @@ def tokenizer_fingerprint(args) -> dict:
 
 def short_context_fingerprint(args) -> dict:
     stride = args.tw_short_stride if args.tw_short_mode == "windows" else None
-    return {"window": args.tw_short_context, "mode": args.tw_short_mode, "stride": stride}
+    # definition 2: a window is W tokens (a target sees at most W - 1), and the sliding mode keeps
+    # the sequence's first token visible (the attention sink); sidecars of the earlier
+    # definition (W + 1-token windows, no sink) differ in this field and are rescored.
+    return {"window": args.tw_short_context, "mode": args.tw_short_mode, "stride": stride,
+            "definition": 2}
 
 
 def run_fingerprint(args, dataset, split: str) -> dict:

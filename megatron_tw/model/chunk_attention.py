@@ -86,33 +86,48 @@ def _merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b:
     return out, lse
 
 
+# Queries per block of the sliding-window pass: bounds its [block, block + left] mask.
+_MAX_BLOCK = 2048
+
+
 @torch.no_grad()
 def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
-                             left: int, scale: float) -> torch.Tensor:
-    """Forward-only sliding-window causal attention on the CPU (the short-context scoring pass).
+                             left: int, scale: float, sink: bool = False) -> torch.Tensor:
+    """Forward-only sliding-window causal attention (the short-context scoring pass), on the CPU
+    and on CUDA.
 
     q [b, n, c, h] are the queries at positions start .. start + c - 1, k/v [b, ng, s, h] the keys
-    at positions 0 .. s - 1 (s >= start + c); a query at p sees keys p - left .. p. Returns
-    [b, n, c, h]. The queries go in blocks of ``left`` (or fewer); a block at [a, e) attends to
-    its own keys [a, e) with the causal flash kernel and to the ``left`` keys before it with a
-    [e - a, left] additive mask (key j visible to query p iff j >= p - left); the two are merged by
-    log-sum-exp. Work per query: about 1.5 x left keys instead of all s keys under a dense
-    [c, s] mask, and nothing of size c x s is built.
+    at positions 0 .. s - 1 (s >= start + c; ng divides n); a query at p sees keys p - left .. p,
+    and with ``sink`` also key 0, the sequence's first token, which a model trained with full
+    attention uses as an attention sink. Returns [b, n, c, h].
+
+    The queries go in blocks of at most ``min(left, 2048)``; a block at [a, e) attends to the keys
+    [a - left, e) (plus key 0) under a [e - a, keys] boolean mask, so nothing of size c x s is
+    built and the work per query is about ``block + left`` keys. On CUDA K/V are expanded for
+    grouped-query attention per block (SDPA's memory-efficient kernel takes masks but not GQA;
+    its flash kernel takes no mask); the CPU kernel shares the K/V heads.
     """
-    block = max(1, min(left, q.shape[2]))
+    c, n, ng = q.shape[2], q.shape[1], k.shape[1]
+    cuda = q.device.type == "cuda"
+    block = max(1, min(max(left, 1), c, _MAX_BLOCK))
     outs = []
-    for a in range(0, q.shape[2], block):
-        e = min(a + block, q.shape[2])
-        qa, pa, pe = q[:, :, a:e], start + a, start + e  # global query positions [pa, pe)
-        out, lse = _flash_forward(qa, k[:, :, pa:pe], v[:, :, pa:pe], 0.0, True, scale=scale)
+    for a in range(0, c, block):
+        e = min(a + block, c)
+        pa, pe = start + a, start + e  # global query positions [pa, pe)
         lo = max(0, pa - left)
-        if lo < pa:
-            query_pos = torch.arange(pa, pe)[:, None]
-            key_pos = torch.arange(lo, pa)[None, :]
-            bias = torch.zeros(pe - pa, pa - lo, dtype=q.dtype).masked_fill(
-                key_pos < query_pos - left, float("-inf"))
-            out_left, lse_left = _flash_forward(qa, k[:, :, lo:pa], v[:, :, lo:pa], 0.0, False,
-                                                attn_mask=bias, scale=scale)
-            out, lse = _merge(out_left, lse_left, out, lse)
-        outs.append(out.to(q.dtype))
+        keys, values = k[:, :, lo:pe], v[:, :, lo:pe]
+        query_pos = torch.arange(pa, pe, device=q.device)[:, None]
+        key_pos = torch.arange(lo, pe, device=q.device)[None, :]
+        mask = (key_pos <= query_pos) & (key_pos >= query_pos - left)  # [e - a, pe - lo]
+        if sink and lo > 0:
+            keys = torch.cat([k[:, :, :1], keys], dim=2)
+            values = torch.cat([v[:, :, :1], values], dim=2)
+            mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+        elif sink:
+            mask[:, 0] = True  # key 0 is in range; keep it visible beyond the window too
+        if cuda and n != ng:
+            keys = keys.repeat_interleave(n // ng, dim=1)
+            values = values.repeat_interleave(n // ng, dim=1)
+        outs.append(F.scaled_dot_product_attention(q[:, :, a:e], keys, values, attn_mask=mask,
+                                                   scale=scale, enable_gqa=not cuda and n != ng))
     return torch.cat(outs, dim=2)

@@ -11,7 +11,7 @@ short-context scorer uses: a query at position p sees keys p-left .. p.
 It is meant for CPU runs and tests. On GPUs the TE spec provides fused kernels and ring (p2p)
 communication; this module gathers K/V of size [s, b, ng, hn] per layer and, for causal attention, keeps
 nothing quadratic in s (chunk_attention.py); so does the forward-only sliding-window pass of the
-short-context scorer on the CPU (with gradients, or on CUDA, sliding windows use a [s/CP, s] mask).
+short-context scorer (with gradients, sliding windows use a [s/CP, s] mask).
 """
 
 from __future__ import annotations
@@ -72,8 +72,11 @@ class ContextParallelDotProductAttention(MegatronModule):
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
                  attention_type: str, attention_dropout: Optional[float] = None,
                  softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
-                 pg_collection: Optional[ProcessGroupCollection] = None):
+                 pg_collection: Optional[ProcessGroupCollection] = None, sink: bool = False):
         super().__init__(config=config)
+        # With a window: key 0 (the sequence's first token) stays visible to every query, the
+        # attention sink of a model trained with full attention (the sliding-mode scorer).
+        self.sink = sink
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
             raise ValueError(f"{type(self).__name__} implements causal attention only, got "
                              f"{attn_mask_type}")
@@ -93,15 +96,16 @@ class ContextParallelDotProductAttention(MegatronModule):
             raise ValueError("causal sliding-window attention needs window_size (left, 0)")
 
     def _blockwise_window(self, q: torch.Tensor, dropout: float) -> bool:
-        """The forward-only blockwise kernel serves this call: CPU, no gradient, no dropout,
-        a finite window."""
-        return (q.device.type == "cpu" and not torch.is_grad_enabled() and dropout == 0.0
-                and self.window[0] >= 0)
+        """The forward-only blockwise kernel serves this call: no gradient, no dropout, a finite
+        window (the scoring pass, on the CPU or CUDA)."""
+        return not torch.is_grad_enabled() and dropout == 0.0 and self.window[0] >= 0
 
     def _mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         allowed = k_pos[None, :] <= q_pos[:, None]
         if self.window is not None and self.window[0] >= 0:
             allowed &= k_pos[None, :] >= q_pos[:, None] - self.window[0]
+            if self.sink:
+                allowed |= k_pos[None, :] == 0
         return allowed  # [sq, sk] bool, True = attend
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -125,20 +129,24 @@ class ContextParallelDotProductAttention(MegatronModule):
         dropout = self.dropout_p if self.training else 0.0
         with tensor_parallel.get_cuda_rng_tracker().fork():
             if self.window is not None and self._blockwise_window(q, dropout):
-                # the scoring pass on the CPU: blocks of queries, nothing of size [sq, sk]
+                # the scoring pass: blocks of queries, nothing of size [sq, sk]
                 out = torch.cat([sliding_window_attention(
-                    q[:, :, a:e], k, v, start, self.window[0], self.softmax_scale)
+                    q[:, :, a:e], k, v, start, self.window[0], self.softmax_scale, self.sink)
                     for a, e, start in runs], dim=2)
-            elif self.window is not None:  # with gradients, or CUDA: an explicit mask
+            elif self.window is not None:  # with gradients or dropout: an explicit mask
                 q_pos = (load_balanced_positions(sq, cp, rank, query.device) if cp > 1
                          else torch.arange(sq, device=query.device))
                 k_pos = torch.arange(key.shape[0], device=query.device)
                 out = F.scaled_dot_product_attention(
                     q, k, v, attn_mask=self._mask(q_pos, k_pos), dropout_p=dropout,
                     scale=self.softmax_scale, enable_gqa=gqa)
-            elif cp == 1:
+            elif cp == 1 and sq == k.shape[2]:
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
                                                      scale=self.softmax_scale, enable_gqa=gqa)
+            elif cp == 1:  # a KV cache (decoding): the queries are the last sq of the sk keys.
+                # SDPA's is_causal aligns the mask upper-left (query i sees keys 0..i), wrong for
+                # sq < sk; the lower-right alignment is chunk_causal_attention's.
+                out = chunk_causal_attention(q, k, v, self.softmax_scale, dropout)
             else:  # each local chunk attends to the keys up to its end, causal lower-right,
                 # with no [s/CP, s] mask materialised (see chunk_attention)
                 out = torch.cat([chunk_causal_attention(

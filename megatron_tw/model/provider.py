@@ -20,14 +20,16 @@ from megatron_tw.model.specs import layer_spec_from_args
 
 def build_gpt_model(args: Namespace, config: TransformerConfig, *, pre_process: bool = True,
                     post_process: bool = True, vp_stage: Optional[int] = None,
-                    pg_collection=None, vocab_size: Optional[int] = None) -> GPTModel:
+                    pg_collection=None, vocab_size: Optional[int] = None,
+                    layer_spec=None) -> GPTModel:
     """Build one (pipeline-stage) GPTModel for ``args``/``config``.
 
-    ``vocab_size`` defaults to megatron's padded vocabulary (``args.padded_vocab_size``).
+    ``vocab_size`` defaults to megatron's padded vocabulary (``args.padded_vocab_size``);
+    ``layer_spec`` to the run's (``layer_spec_from_args``).
     """
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec_from_args(args),
+        transformer_layer_spec=layer_spec if layer_spec is not None else layer_spec_from_args(args),
         vocab_size=vocab_size if vocab_size is not None else args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,

@@ -60,3 +60,19 @@ def layer_spec_from_args(args: Namespace) -> ModuleSpec:
     spec = LAYER_SPECS[args.transformer_impl](args)
     return ModuleSpec(module=LayerSeededTransformerLayer, params={"init_seed": args.seed},
                       submodules=spec.submodules)
+
+
+def sliding_scorer_spec(args: Namespace) -> ModuleSpec:
+    """The run's layer spec with the sliding-window core attention that keeps the attention sink
+    (key 0) visible: the short-context scorer's sliding mode.
+
+    Transformer Engine's attention takes a window but no sink, so with the TE spec too the core
+    attention is this project's (blockwise SDPA over the window plus key 0; it all-gathers K/V
+    under CP); the TE linear layers, fused norms and FP8 GEMMs stay. Core attention has no
+    parameters, so a scorer built from this spec shares every parameter name with the trainee.
+    """
+    spec = layer_spec_from_args(args)
+    attention = spec.submodules.self_attention.submodules
+    attention.core_attention = ModuleSpec(module=ContextParallelDotProductAttention,
+                                          params={"sink": True})
+    return spec

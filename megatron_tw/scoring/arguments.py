@@ -11,6 +11,7 @@ import argparse
 
 from megatron_tw.scoring.model import MAX_TOKENS_PER_FORWARD
 from megatron_tw.scoring.scorers import SCORERS
+from megatron_tw.scoring.spans import windows_tile
 
 SHORT_MODES = ("windows", "sliding")
 
@@ -23,15 +24,20 @@ def add_scoring_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                             "co-located with the trainee; precomputed: losses stored next to the "
                             "data by tools/score_data.py (--tw-short-loss-path).")
     group.add_argument("--tw-short-context", type=int, default=None,
-                       help="W: tokens of context the short-context model sees (window length).")
+                       help="W, the short-context window in tokens (the reference's "
+                            "base_length): a target sees at most W - 1 tokens of context "
+                            "(docs/method.md, 'Short-context modes').")
     group.add_argument("--tw-short-stride", type=int, default=None,
-                       help="S for --tw-short-mode windows: windows of W every S tokens, each "
-                            "keeping its last S losses; (seq_length - W) must be divisible by S. "
+                       help="S for --tw-short-mode windows: windows of W tokens every S tokens, "
+                            "each keeping its last S losses; they must tile the sample of "
+                            "seq_length + 1 tokens: (seq_length + 1 - W) divisible by S. "
                             "Default W // 2.")
     group.add_argument("--tw-short-mode", choices=SHORT_MODES, default="sliding",
-                       help="windows: the reference's overlapping windows (each token sees "
-                            "W-S..W-1 tokens); sliding: every token sees exactly the previous "
-                            "W-1 tokens (one pass with sliding-window attention).")
+                       help="sliding (default): one pass with sliding-window attention; a target "
+                            "sees exactly the previous W - 1 tokens plus the sequence's first "
+                            "token (the attention sink). windows: the reference's overlapping "
+                            "windows, BOS substituted at each window start; a target sees "
+                            "W - S .. W - 1 tokens.")
     group.add_argument("--tw-scorer-load", type=str, default=None,
                        help="frozen scorer: a Hugging Face folder or a Megatron checkpoint.")
     group.add_argument("--tw-scorer-stage", type=int, default=0,
@@ -91,16 +97,29 @@ def validate_scoring_args(args: argparse.Namespace) -> None:
         if W is None:
             raise ValueError(f"--tw-preset {args.tw_preset} compares long- and short-context "
                              "losses: give --tw-short-context W (e.g. a quarter of --seq-length)")
-        if not 1 <= W < T:
-            raise ValueError(f"--tw-short-context {W} must be in [1, --seq-length {T}): a short "
+        if not 2 <= W < T:
+            raise ValueError(f"--tw-short-context {W} must be in [2, --seq-length {T}): a window "
+                             "of W tokens gives a target W - 1 tokens of context, and a short "
                              "context as long as the sequence gives every token weight from d=0")
         if args.tw_short_mode == "windows":
             S = S if S is not None else _stride(args)
-            if not 1 <= S <= W or (T - W) % S != 0:
-                raise ValueError(f"--tw-short-stride {S} must be in [1, W={W}] and tile the "
-                                 f"sequence: (seq_length - W) = {T - W} divisible by S")
+            if not windows_tile(T, W, S):
+                hint = (f"; e.g. --tw-short-context {W + 1}" if 1 <= S <= W and (T - W) % S == 0
+                        else "")
+                raise ValueError(f"--tw-short-stride {S} must be in [1, W - 1 = {W - 1}] and the "
+                                 f"windows must tile the sample of seq_length + 1 = {T + 1} "
+                                 f"tokens: (seq_length + 1 - W) = {T + 1 - W} divisible by S"
+                                 f"{hint}")
         elif S is not None:
             raise ValueError("--tw-short-stride applies to --tw-short-mode windows only")
+    dropout = [f"--{name.replace('_', '-')} {getattr(args, name)}"
+               for name in ("hidden_dropout", "attention_dropout") if getattr(args, name, 0) > 0]
+    if dropout:
+        raise ValueError(f"{' and '.join(dropout)} with --tw-preset {args.tw_preset}: the "
+                         "long-context losses would be computed with dropout (training mode) and "
+                         "the short-context losses without (the scorer runs in eval mode), so d "
+                         "would measure dropout as well as context; pass --hidden-dropout 0 "
+                         "--attention-dropout 0 (megatron's default is 0.1)")
     if args.tw_scorer == "self" and args.pipeline_model_parallel_size > 1:
         raise ValueError("--tw-scorer self runs the trainee's whole model on short contexts, which "
                          "pipeline parallelism splits across stages; with "

@@ -6,12 +6,18 @@ cross-entropy stays vocab-parallel). Two ways to give tokens a short context:
 - ``windows``: the model is built *without context parallelism* (its CP group holds only this
   rank): windows are short, and each CP rank runs only the windows that supply the positions it
   holds (``plan_spans``), from the full token rows it keeps (integers only).
-- ``sliding``: one pass of sliding-window attention (each query attends to itself and the previous
-  W-1 keys) over the whole sequence, *with* the trainee's context parallelism: every CP rank
-  computes exactly its own positions, and the result equals the single-process pass, so weights
-  do not depend on the layout. (Across layers information still flows from further back, up to
-  layers x (W-1) tokens, as in any sliding-window model; ``windows`` is the mode whose context is
-  cut hard at W.)
+- ``sliding``: one pass of sliding-window attention over the whole sequence: the target of the
+  query at position p (token p + 1) sees exactly the previous W - 1 tokens (keys p - W + 2 .. p)
+  plus the sequence's first token, the attention sink a model trained with full attention leans
+  on (without it, short-context losses beyond W are inflated). It keeps the trainee's context
+  parallelism: every CP rank computes exactly its own positions, and the result equals the
+  single-process pass, so weights do not depend on the layout. (Across layers information still
+  flows from further back, up to layers x (W - 1) tokens, as in any sliding-window model;
+  ``windows`` is the mode whose context is cut hard.)
+
+A row that packs several documents has one sink, its first token (usually the first document's
+BOS): the sink stands for "the start of the row", as attention saw it in pretraining; documents
+after the first see it as they saw it under full causal attention.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ def scorer_config(config, *, mode: str, window: int, fp8: Optional[bool] = None)
     """A TransformerConfig for scoring, from the trainee's (or the frozen model's) ``config``.
 
     - the whole model on one pipeline stage;
-    - ``sliding``: a window of W keys, the trainee's CP kept. TE's context-parallel attention
+    - ``sliding``: a window of W - 1 keys (the query's own token and the W - 2 before it; the sink
+      is added by the scorer's core attention, model/specs.py), the trainee's CP kept. TE's context-parallel attention
       serves sliding windows only with ``all_gather`` or ``a2a`` communication (it asserts
       otherwise), so a ``p2p`` trainee gets an ``all_gather`` scorer;
     - ``windows``: no CP, no window (each window is a short sequence of its own);
@@ -59,7 +66,9 @@ def scorer_config(config, *, mode: str, window: int, fp8: Optional[bool] = None)
         if config.context_parallel_size > 1 and "p2p" in _comm_types(comm):
             comm = ["all_gather" if c == "p2p" else c for c in _comm_types(comm)]
             comm = comm[0] if not isinstance(config.cp_comm_type, (list, tuple)) else comm
-        return dataclasses.replace(config, window_size=(window - 1, 0), cp_comm_type=comm)
+        # W tokens of context for a target, itself included: the previous W - 1 tokens (keys
+        # p - W + 2 .. p for the query at p, which predicts token p + 1) plus the sink, key 0.
+        return dataclasses.replace(config, window_size=(window - 2, 0), cp_comm_type=comm)
     return dataclasses.replace(config, context_parallel_size=1, window_size=None)
 
 
@@ -83,11 +92,15 @@ def scorer_process_groups(mode: str) -> ProcessGroupCollection:
 
 
 def build_scorer_model(args, config, *, mode: str, vocab_size: Optional[int] = None):
-    """A whole (all layers, embedding and output) GPTModel for scoring; eval mode, no grads."""
+    """A whole (all layers, embedding and output) GPTModel for scoring; eval mode, no grads.
+    In the sliding mode its core attention keeps the attention sink (model/specs.py)."""
     from megatron_tw.model.provider import build_gpt_model
+    from megatron_tw.model.specs import sliding_scorer_spec
 
+    spec = sliding_scorer_spec(args) if mode == "sliding" else None
     model = build_gpt_model(args, config, pre_process=True, post_process=True,
-                            pg_collection=scorer_process_groups(mode), vocab_size=vocab_size)
+                            pg_collection=scorer_process_groups(mode), vocab_size=vocab_size,
+                            layer_spec=spec)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -110,11 +110,12 @@ class Scorer:
 @register_scorer("self")
 class SelfScorer(Scorer):
     """The trainee's current weights under no_grad, in eval mode (no dropout): the paper's
-    default. Positions below W are not scored (their contexts are equal to the long ones)."""
+    default. Positions whose short context is their whole long context are not scored (below
+    W in the sliding mode, W - 1 in the windows mode; scoring/spans.py)."""
 
     def __init__(self, args, **kwargs):
         super().__init__(args, **kwargs)
-        self.skip_below = self.window
+        self.skip_below = self.window if self.mode == "sliding" else self.window - 1
 
     def setup(self, trainee) -> None:
         from megatron.training.argument_utils import core_transformer_config_from_args

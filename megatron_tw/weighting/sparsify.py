@@ -83,10 +83,16 @@ def num_selected(kappa: float, num_tokens: torch.Tensor) -> torch.Tensor:
     return torch.where((k < 1) & (n >= 1), torch.ones_like(k), k)
 
 
-def _kth_largest(values: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Per row, the k-th largest entry of values [b, n] (k: [b] int64 >= 0; rows with k = 0
-    get the largest). One top-k up to max(k): cheaper than a full sort for kappa < 1."""
-    k_max = max(int(k.max()), 1)  # a host sync; the tensor shapes need a Python int
+def max_selected(kappa: float, length: int) -> int:
+    """An upper bound of ``num_selected`` for any row of ``length`` tokens, from shapes alone
+    (N <= length), so the top-k size needs no read of a device value."""
+    return max(1, min(length, int(length * kappa + _FLOOR_SLACK)))
+
+
+def _kth_largest(values: torch.Tensor, k: torch.Tensor, k_max: int) -> torch.Tensor:
+    """Per row, the k-th largest entry of values [b, n] (k: [b] int64 in [0, k_max]; rows with
+    k = 0 get the largest). One top-k of the static size k_max: no host sync, and cheaper than a
+    full sort for kappa < 1."""
     top = torch.topk(values, k_max, dim=1).values  # [b, k_max], descending
     return top.gather(1, (k - 1).clamp(min=0).unsqueeze(1))  # [b, 1]
 
@@ -103,7 +109,8 @@ def top_kappa_mask(scores: torch.Tensor, valid: torch.Tensor, position_ids: torc
 
     Selection by threshold instead of a full sort: t = the k-th largest score; every token
     above t is kept, and the remaining slots go to the tokens equal to t with the largest
-    tie-break keys (hashed only for those tied tokens: usually one, many after a `max`).
+    tie-break keys (usually one tied token, many after a `max`). No step reads a device value
+    back to the host: the top-k size comes from the shapes (``max_selected``).
     """
     s_local = scores.shape[1]
     full_scores = cp_gather_seq(scores, cp_group)
@@ -113,17 +120,18 @@ def top_kappa_mask(scores: torch.Tensor, valid: torch.Tensor, position_ids: torc
     full_scores = torch.where(full_valid & ~torch.isnan(full_scores), full_scores, float("-inf"))
 
     k = num_selected(kappa, full_valid.sum(dim=1))  # [b]
+    k_max = max_selected(kappa, full_scores.shape[1])
     active = (k > 0).unsqueeze(1)
-    threshold = _kth_largest(full_scores, k)
+    threshold = _kth_largest(full_scores, k, k_max)
     above = active & full_valid & (full_scores > threshold)
     tied = active & full_valid & (full_scores == threshold)
     need = k - above.sum(dim=1)  # [b], slots left for tied tokens
 
-    rows, cols = tied.nonzero(as_tuple=True)
-    keys = torch.full_like(full_pos, -1)
-    keys[rows, cols] = tie_break_keys(seed, iteration, sample_ids.to(full_pos.device)[rows],
-                                      full_pos[rows, cols].unsqueeze(1)).squeeze(1)
-    key_threshold = _kth_largest(keys, need)
+    # Keys for every position, kept for the tied ones: elementwise integer work instead of
+    # gathering the tied positions (nonzero), which would read their count back to the host.
+    keys = torch.where(tied, tie_break_keys(seed, iteration, sample_ids.to(full_pos.device),
+                                            full_pos), -1)
+    key_threshold = _kth_largest(keys, need, k_max)
     chosen = tied & (need > 0).unsqueeze(1) & (keys >= key_threshold)
 
     keep = (above | chosen).to(torch.float64)

@@ -6,7 +6,6 @@ independent implementation); otherwise a CP-free megatron model with the same we
 argv: megatron flags (tiny model, --tw-* scorer flags). Prints "SCORER-OK <max abs diff>".
 """
 
-import copy
 import dataclasses
 import sys
 
@@ -28,22 +27,31 @@ from megatron_tw.scoring.model import scorer_process_groups, share_parameters  #
 from megatron_tw.scoring.scorers import build_scorer  # noqa: E402
 
 
+BOS = 5  # the windows-mode rows start with it; the scorer substitutes it at each window start
+
+
 def reference_short_losses(loss_fn, tokens, labels, W, mode, stride, skip_below):
-    """windows: every position run on the window that supplies it (up to itself); sliding: one
-    sliding-window pass over the whole sequence. ``loss_fn(ids, labels) -> [b, L]``."""
+    """windows (W tokens, W - 1 inputs, every S): every position run on the window that supplies
+    it, up to itself, BOS substituted at the window start; sliding: one pass over the whole row
+    in which position p sees itself, the W - 2 positions before it and position 0 (the sink).
+    ``loss_fn(ids, labels, mask=None) -> [b, L]``."""
     b, s = tokens.shape
     out = torch.full((b, s), float("nan"))
     if mode == "sliding":
-        out[:, skip_below:] = loss_fn(tokens, labels)[:, skip_below:]
+        q, k = torch.arange(s)[:, None], torch.arange(s)[None, :]
+        visible = (k <= q) & ((k >= q - (W - 2)) | (k == 0))
+        out[:, skip_below:] = loss_fn(tokens, labels, visible)[:, skip_below:]
         return out
     for p in range(skip_below, s):
-        k = 0 if p < W else (p - W) // stride + 1
-        out[:, p] = loss_fn(tokens[:, k * stride:p + 1], labels[:, k * stride:p + 1])[:, -1]
+        k = 0 if p < W - 1 else (p - (W - 1)) // stride + 1
+        ids = tokens[:, k * stride:p + 1].clone()
+        ids[:, 0] = BOS
+        out[:, p] = loss_fn(ids, labels[:, k * stride:p + 1])[:, -1]
     return out
 
 
 def megatron_loss_fn(model):
-    def run(ids, labels):
+    def run(ids, labels, mask=None):  # a sliding model carries its window itself
         pos = torch.arange(ids.shape[1]).expand_as(ids)
         return model(ids, pos, None, labels=labels).float()
     return run
@@ -52,19 +60,36 @@ def megatron_loss_fn(model):
 def hf_loss_fn(path):
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                              attn_implementation="eager").eval()
 
-    def run(ids, labels):
-        logits = hf(input_ids=ids).logits.float()
+    def run(ids, labels, mask=None):
+        kwargs = {}
+        if mask is not None:  # [s, s] bool, True = visible -> HF's additive 4D mask
+            bias = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+            kwargs["attention_mask"] = bias[None, None].expand(ids.shape[0], 1, -1, -1)
+        logits = hf(input_ids=ids, **kwargs).logits.float()
         return torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
     return run
 
 
 def with_window(model, W):
+    """The plain model's CP attention with the sliding window and the sink, through its explicit
+    mask path (with gradients enabled there: not the blockwise kernel the scorer runs)."""
     for module in model.modules():
         if hasattr(module, "window") and hasattr(module, "cp_group"):
-            module.window = (W - 1, 0)
-    return model
+            module.window, module.sink = (W - 2, 0), True
+    return _GradModeForward(model)
+
+
+class _GradModeForward(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        with torch.enable_grad():
+            return self.model(*args, **kwargs).detach()
 
 
 def main():
@@ -77,25 +102,21 @@ def main():
     s, W, mode = args.seq_length, args.tw_short_context, args.tw_short_mode
     g = torch.Generator().manual_seed(7)
     tokens = torch.randint(0, 120, (2, s), generator=g)
+    if mode == "windows":
+        tokens[:, 0] = BOS
     labels = torch.roll(tokens, -1, dims=1)
     mine = load_balanced_positions(s // cp, cp, cp_rank) if cp > 1 else torch.arange(s)
     batch = {"tokens_full": tokens, "labels_full": labels, "tokens": tokens[:, mine],
              "labels": labels[:, mine], "position_ids": mine.expand(2, -1)}
     from megatron.training import get_tokenizer
 
-    scorer = build_scorer(args, bos_id=None, vocab_size=get_tokenizer().vocab_size)
+    scorer = build_scorer(args, bos_id=BOS if mode == "windows" else None,
+                          vocab_size=get_tokenizer().vocab_size)
     scorer.setup(model)
     short, same = scorer.short_losses(batch)
 
-    if args.tw_scorer == "frozen" and mode == "windows":
+    if args.tw_scorer == "frozen":
         loss_fn = hf_loss_fn(args.tw_scorer_load)
-    elif args.tw_scorer == "frozen":
-        from megatron_tw.scoring.frozen import load_frozen_scorer
-
-        cp_free = copy.copy(args)
-        cp_free.tw_short_mode = "windows"  # builds it without CP and without a window
-        loss_fn = megatron_loss_fn(with_window(
-            load_frozen_scorer(cp_free, vocab_size=scorer.vocab_size), W))
     else:
         config = dataclasses.replace(core_transformer_config_from_args(args),
                                      context_parallel_size=1, window_size=None)
@@ -103,7 +124,7 @@ def main():
         share_parameters(plain, model)
         plain.eval()
         loss_fn = megatron_loss_fn(with_window(plain, W) if mode == "sliding" else plain)
-    skip = W if args.tw_scorer == "self" else 0
+    skip = (W if mode == "sliding" else W - 1) if args.tw_scorer == "self" else 0
     with torch.no_grad():
         ref = reference_short_losses(loss_fn, tokens, labels, W, mode, args.tw_short_stride, skip)
     want = ref[:, mine]

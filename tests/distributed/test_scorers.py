@@ -1,5 +1,7 @@
-"""Short-context scorers sharded over CP ranks equal a plain one-process reference (the model run
-on each window, or one sliding-window pass), for the self and the frozen scorer, both modes."""
+"""Short-context scorers sharded over CP ranks equal a one-process reference, for the self and the
+frozen scorer, both modes. The frozen scorer's reference is Hugging Face transformers (an
+independent implementation): each window run on its own with BOS substituted (windows), or the
+whole row under an explicit mask "first token + the previous W - 1 tokens" (sliding)."""
 
 import pytest
 
@@ -7,9 +9,9 @@ from tests.launch import TINY_MODEL, TINY_TRAINING, torchrun
 
 pytestmark = pytest.mark.distributed
 
-# seq 64, W 16: windows of 16 every 8 tokens tile the sequence; CP4 gives chunks of 8.
+# seq 64, W 17: windows of 17 tokens every 8 tile the sample of 65 tokens; CP4 gives chunks of 8.
 BASE = TINY_MODEL + TINY_TRAINING + ["--train-iters", "1", "--tw-preset", "dense",
-                                     "--tw-short-context", "16"]
+                                     "--tw-short-context", "17"]
 
 
 @pytest.fixture(scope="module")

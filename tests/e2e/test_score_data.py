@@ -24,7 +24,7 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
-SEQ, W, STRIDE = 64, 32, 16
+SEQ, W, STRIDE = 64, 33, 16  # windows of 33 tokens every 16 tile the 65 tokens of a sample
 
 
 def tiny_hf_scorer(path, seed: int = 0, max_positions: int = 128) -> str:
@@ -164,18 +164,21 @@ def llama_nll(w: dict, cfg: dict, tokens, labels, allowed):
 
 
 def windows_reference(w, cfg, tokens, labels, window: int, stride: int):
-    """The reference's windows: tokens[kS : kS+W] scored alone; window 0 supplies positions
-    0..W-1, window k >= 1 its last S positions (no BOS: the NullTokenizer has none)."""
+    """The reference's windows of W tokens: tokens[kS : kS+W] scored alone, i.e. the W - 1
+    inputs at positions kS .. kS+W-2 with their labels; window 0 supplies positions 0..W-2,
+    window k >= 1 its last S positions (no BOS: the NullTokenizer has none)."""
     import torch
 
     s = len(tokens)
     out = torch.full((s,), float("nan"), dtype=torch.float64)
-    causal = torch.ones(window, window, dtype=torch.bool).tril()
-    for k in range((s - window) // stride + 1):
+    n = window - 1  # inputs per window
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    for k in range((s + 1 - window) // stride + 1):
         a = k * stride
-        nll = llama_nll(w, cfg, tokens[a:a + window], labels[a:a + window], causal)
-        keep = 0 if k == 0 else window - stride
-        out[a + keep:a + window] = nll[keep:]
+        nll = llama_nll(w, cfg, tokens[a:a + n], labels[a:a + n], causal)
+        keep = 0 if k == 0 else n - stride
+        out[a + keep:a + n] = nll[keep:]
+    assert not torch.isnan(out).any(), "the windows do not cover every position"
     return out
 
 

@@ -89,15 +89,18 @@ def test_nothing_quadratic_is_kept_for_the_backward_pass():
     assert max(ours) < c * end / 16, ours
 
 
-def window_reference(q, k, v, start, left, scale):
-    """float64: query i at position start + i sees keys start + i - left .. start + i."""
+def window_reference(q, k, v, start, left, scale, sink=False):
+    """float64: query i at position start + i sees keys start + i - left .. start + i, and with
+    ``sink`` key 0 as well."""
     q, k, v = (t.double() for t in (q, k, v))
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     qp = torch.arange(start, start + q.shape[2])[:, None]
     kp = torch.arange(k.shape[2])[None, :]
-    scores = (q @ k.transpose(-1, -2) * scale).masked_fill((kp > qp) | (kp < qp - left),
-                                                            float("-inf"))
+    hidden = (kp > qp) | (kp < qp - left)
+    if sink:
+        hidden &= kp != 0
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(hidden, float("-inf"))
     return scores.softmax(-1) @ v
 
 
@@ -110,15 +113,26 @@ def window_reference(q, k, v, start, left, scale):
     (10, 12, 22, 11),
 ])
 @pytest.mark.parametrize("n,ng", [(4, 4), (4, 2)])
-def test_sliding_window_equals_the_float64_softmax(start, c, s, left, n, ng):
+@pytest.mark.parametrize("sink", [False, True], ids=["no-sink", "sink"])
+def test_sliding_window_equals_the_float64_softmax(start, c, s, left, n, ng, sink):
     g = torch.Generator().manual_seed(start + c + s + left + ng)
     q = torch.randn(c, 2, n, 16, generator=g).permute(1, 2, 0, 3)
     k = torch.randn(s, 2, ng, 16, generator=g).permute(1, 2, 0, 3)
     v = torch.randn(s, 2, ng, 16, generator=g).permute(1, 2, 0, 3)
-    out = sliding_window_attention(q, k, v, start=start, left=left, scale=0.25)
+    out = sliding_window_attention(q, k, v, start=start, left=left, scale=0.25, sink=sink)
     assert out.shape == (2, n, c, 16)
-    torch.testing.assert_close(out.double(), window_reference(q, k, v, start, left, 0.25),
+    torch.testing.assert_close(out.double(), window_reference(q, k, v, start, left, 0.25, sink),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_the_sink_changes_what_a_far_query_sees():
+    """Beyond the window the sink is a real difference (the check above can tell them apart)."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 32, 8, generator=g) for _ in range(3))
+    with_sink = sliding_window_attention(q, k, v, start=0, left=4, scale=0.5, sink=True)
+    without = sliding_window_attention(q, k, v, start=0, left=4, scale=0.5)
+    assert torch.equal(with_sink[:, :, :5], without[:, :, :5])  # key 0 is in their window
+    assert (with_sink[:, :, 5:] - without[:, :, 5:]).abs().amax() > 1e-3
 
 
 def test_sliding_window_in_bfloat16():

@@ -27,7 +27,7 @@ def test_a2a_needs_heads_divisible_by_cp(monkeypatch):
 
 
 def test_short_context_must_be_shorter_than_the_sequence():
-    with pytest.raises(ConfigError, match=r"--tw-short-context 64 must be in \[1, --seq-length"):
+    with pytest.raises(ConfigError, match=r"--tw-short-context 64 must be in \[2, --seq-length"):
         _parse("--tw-preset", "dense", "--tw-short-context", "64")
 
 

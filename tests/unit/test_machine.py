@@ -145,7 +145,7 @@ def test_sliding_scorer_with_p2p_cp_uses_all_gather():
 
     trainee = _config(context_parallel_size=2, cp_comm_type="p2p")
     sliding = scorer_config(trainee, mode="sliding", window=16)
-    assert sliding.cp_comm_type == "all_gather" and sliding.window_size == (15, 0)
+    assert sliding.cp_comm_type == "all_gather" and sliding.window_size == (14, 0)  # W - 2
     assert sliding.context_parallel_size == 2
     per_layer = scorer_config(_config(context_parallel_size=2, cp_comm_type=["p2p", "a2a"]),
                               mode="sliding", window=16)

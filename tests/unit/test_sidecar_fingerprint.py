@@ -182,7 +182,7 @@ def test_score_data_validates_windows_as_a_frozen_run(monkeypatch):
     from megatron_tw.arguments import ConfigError
 
     monkeypatch.setenv("RANK", "0")
-    argv = [*BASE, "--tw-preset", "uniform", "--tw-short-context", "16", "--tw-short-mode",
+    argv = [*BASE, "--tw-preset", "uniform", "--tw-short-context", "17", "--tw-short-mode",
             "windows", "--tw-short-stride", "5", "--tw-scorer-load", "/models/scorer"]
     with pytest.raises(ConfigError, match=r"--tw-short-stride 5 must .* divisible by S"):
         _score_data().parse(argv)
