@@ -56,8 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--load", required=True, help="megatron checkpoint folder (as given to --save)")
     exp.add_argument("--out", required=True, help="HF folder to create")
     exp.add_argument("--hf-config", default=None,
-                     help="HF folder or config.json with the architecture (default: the "
-                          "config.json hf-to-megatron wrote into --load)")
+                     help="HF folder or config.json whose architecture name and special-token "
+                          "ids to keep (default: the config.json hf-to-megatron wrote into "
+                          "--load); every architectural field comes from the checkpoint's saved "
+                          "arguments")
+    exp.add_argument("--vocab-size", type=int, default=None,
+                     help="the tokenizer's vocabulary without megatron's padding (default: the "
+                          "template's, else the tokenizer the run trained with)")
     exp.add_argument("--iteration", type=int, default=None, help="default: the latest")
     exp.add_argument("--tokenizer-from", default=None, help="HF folder whose tokenizer to copy")
     exp.add_argument("--tokenizer-model", default=None, help="a sentencepiece model to ship")
@@ -96,7 +101,7 @@ def main(argv=None) -> int:
             summary = convert.megatron_to_hf(
                 args.load, args.out, hf_config=args.hf_config, dtype=_dtype(args.dtype),
                 tokenizer_from=args.tokenizer_from, tokenizer_model=args.tokenizer_model,
-                iteration=args.iteration, overwrite=args.overwrite)
+                iteration=args.iteration, overwrite=args.overwrite, vocab_size=args.vocab_size)
             _report_removed(summary)
             print(f"wrote {args.out}: {', '.join(summary['files'] + summary['tokenizer_files'])} "
                   f"(rope_theta {summary['rope_theta']:g}, max_position_embeddings "

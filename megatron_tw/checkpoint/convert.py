@@ -16,7 +16,11 @@ offline. Both directions write to a temporary folder and rename it at the end.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
+import io
+import json
 import os
 import re
 from typing import Optional
@@ -24,6 +28,7 @@ from typing import Optional
 import torch
 
 from megatron_tw.checkpoint import hf_io, megatron_io
+from megatron_tw.checkpoint.export_config import hf_config_dict
 from megatron_tw.checkpoint.families import (
     ConversionError,
     HFModelSpec,
@@ -131,33 +136,71 @@ def _check_structure(ckpt_args, spec: HFModelSpec, data_dir: str) -> None:
                               f"{untied}, the HF config tie_word_embeddings={spec.tied_embeddings}")
 
 
+def _template_dict(path: Optional[str]) -> Optional[dict]:
+    if path is None:
+        return None
+    config_file = path if os.path.isfile(path) else os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        return None
+    hf_io.read_hf_config(config_file)  # one-line errors for a broken file
+    with open(config_file) as f:
+        return json.load(f)
+
+
+def tokenizer_vocab_size(ckpt_args) -> Optional[int]:
+    """The vocabulary of the tokenizer a run trained with (its saved --tokenizer-* flags), or
+    None when it cannot be built here (e.g. its files are on another machine)."""
+    if ckpt_args is None or not getattr(ckpt_args, "tokenizer_type", None):
+        return None
+    from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return int(build_tokenizer(copy.copy(ckpt_args)).vocab_size)
+    except Exception:  # missing files, a tokenizer type that needs network access, ...
+        return None
+
+
 def megatron_to_hf(ckpt_dir: str, out_dir: str, *, hf_config: Optional[str] = None,
                    dtype: Optional[torch.dtype] = None, tokenizer_from: Optional[str] = None,
                    tokenizer_model: Optional[str] = None, iteration: Optional[int] = None,
-                   overwrite: bool = False) -> dict:
+                   overwrite: bool = False, vocab_size: Optional[int] = None) -> dict:
     """Convert a megatron torch_dist checkpoint (any TP x PP layout it was saved in) to an HF folder.
 
-    ``hf_config``: the HF folder/config.json giving the architecture (default: the config.json
-    that hf_to_megatron left in ``ckpt_dir``). The RoPE base and context length a run trained with
-    (``--rotary-base``, ``--seq-length``, from the checkpoint's saved args) replace the template's.
+    The HF config is built from the arguments the checkpoint saved (checkpoint/export_config.py:
+    RoPE base and scaling, norm epsilon, tied embeddings, context length); a flag HF cannot
+    represent is refused. ``hf_config`` (default: the config.json hf_to_megatron left in
+    ``ckpt_dir``) only contributes the architecture name and the special-token ids. The
+    vocabulary without megatron's padding: ``vocab_size``, else the template's, else the
+    tokenizer the run trained with.
     """
     data_dir = _checkpoint_dir(ckpt_dir, iteration)
-    template = hf_config or ckpt_dir
-    if not os.path.exists(os.path.join(template, "config.json")) and not os.path.isfile(template):
-        raise ConversionError(f"{ckpt_dir}: no config.json; pass --hf-config <the source HF folder>")
-    config = hf_io.read_hf_config(template)
-    spec = spec_from_hf_config(config)
+    template = _template_dict(hf_config or ckpt_dir)
     ckpt_args = megatron_io.checkpoint_args(data_dir)
-    _check_structure(ckpt_args, spec, data_dir)
-    if ckpt_args is not None:
-        context = max(spec.max_position_embeddings, getattr(ckpt_args, "seq_length", 0) or 0,
-                      getattr(ckpt_args, "max_position_embeddings", 0) or 0)
-        config = with_rope_theta(config, getattr(ckpt_args, "rotary_base", spec.rope_theta), context)
-        spec = spec_from_hf_config(config)
     padded = megatron_io.checkpoint_tensor_shape(data_dir, EMBEDDING_KEY)[0]
-    flags = megatron_args_from_hf_config(spec)
     saved_dtype = _checkpoint_dtype(data_dir)
-    out_dtype = dtype or hf_io.hf_dtype(config) or saved_dtype
+    out_dtype = dtype or (hf_io.hf_dtype(template) if template else None) or saved_dtype
+    dtype_name = str(out_dtype).replace("torch.", "")
+    if ckpt_args is None:
+        if template is None:
+            raise ConversionError(f"{ckpt_dir}: the checkpoint saved no arguments and has no "
+                                  "config.json; pass --hf-config <the source HF folder>")
+        config_dict = dict(template, dtype=dtype_name, torch_dtype=dtype_name)
+    else:
+        vocab = vocab_size or (template or {}).get("vocab_size") or tokenizer_vocab_size(ckpt_args)
+        if vocab is None:
+            raise ConversionError(f"{ckpt_dir}: the vocabulary size without padding is unknown "
+                                  f"(the run's tokenizer cannot be built here; the embedding has "
+                                  f"{padded} padded rows): pass --vocab-size N")
+        if vocab > padded:
+            raise ConversionError(f"--vocab-size {vocab} exceeds the checkpoint's {padded} "
+                                  "embedding rows")
+        config_dict = hf_config_dict(ckpt_args, vocab_size=vocab, dtype=dtype_name,
+                                     template=template)
+    spec = spec_from_hf_config(config_dict)
+    if ckpt_args is not None:
+        _check_structure(ckpt_args, spec, data_dir)
+    flags = megatron_args_from_hf_config(spec)
     stale: list[str] = []
     with hf_io.atomic_output_dir(out_dir, overwrite, removed=stale) as tmp:
         with megatron_io.single_process_megatron():
@@ -167,16 +210,15 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, hf_config: Optional[str] = No
             state = megatron_state_to_hf(unsharded_state_dict(model), spec, dtype=out_dtype)
         del model
         files = hf_io.save_safetensors(state, tmp)
-        config.architectures = [spec.architecture]
-        config.dtype = out_dtype
-        config.save_pretrained(tmp)
-        tokenizer = hf_io.copy_tokenizer(tmp, hf_folder=tokenizer_from or template,
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config_dict, f, indent=2, sort_keys=True)
+        tokenizer = hf_io.copy_tokenizer(tmp, hf_folder=tokenizer_from or hf_config or ckpt_dir,
                                          tokenizer_model=tokenizer_model)
     return {"checkpoint": data_dir, "files": files, "tokenizer_files": tokenizer,
             "has_tokenizer": hf_io.has_tokenizer(tokenizer),
-            "tokenizer_source": tokenizer_model or tokenizer_from or template,
+            "tokenizer_source": tokenizer_model or tokenizer_from or hf_config or ckpt_dir,
             "rope_theta": spec.rope_theta, "max_position_embeddings": spec.max_position_embeddings,
-            "dtype": str(out_dtype).replace("torch.", ""), "removed_stale": stale}
+            "dtype": dtype_name, "removed_stale": stale}
 
 
 def _checkpoint_dtype(data_dir: str) -> torch.dtype:

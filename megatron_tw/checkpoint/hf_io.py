@@ -136,7 +136,10 @@ def read_hf_config(folder_or_file: str):
 
 def hf_dtype(config: Any) -> Optional[torch.dtype]:
     """The config's weight dtype (``dtype`` in transformers 5, ``torch_dtype`` before)."""
-    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(config, dict):
+        value = config.get("dtype") or config.get("torch_dtype")
+    else:
+        value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(value, str):
         value = getattr(torch, value, None)
     return value if isinstance(value, torch.dtype) else None
