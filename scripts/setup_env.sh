@@ -25,10 +25,11 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.megatron_tw_installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
   echo "[setup] installing megatron-tw and its dependencies into .venv (first time: a few minutes)"
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e ".[test,hf,eval]"
+  # pyproject.toml holds the ranges; constraints.txt the exact versions CI tests with.
+  .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test,hf,eval]"
   touch "$stamp"
 fi
 .venv/bin/python -W ignore -c "import megatron.core, torch; print(f'[setup] .venv ready: megatron-core {megatron.core.__version__}, torch {torch.__version__}')"

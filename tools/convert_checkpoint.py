@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                        help="weight dtype (auto: the source config's dtype)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -95,13 +96,14 @@ def main(argv=None) -> int:
                 make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
                 target_tensor_parallel_size=args.target_tensor_parallel_size,
                 dtype=_dtype(args.dtype), tokenizer_model=args.tokenizer_model,
-                overwrite=args.overwrite)
+                overwrite=args.overwrite, progress=not args.no_progress)
             _report_import(args.out, summary)
         else:
             summary = convert.megatron_to_hf(
                 args.load, args.out, hf_config=args.hf_config, dtype=_dtype(args.dtype),
                 tokenizer_from=args.tokenizer_from, tokenizer_model=args.tokenizer_model,
-                iteration=args.iteration, overwrite=args.overwrite, vocab_size=args.vocab_size)
+                iteration=args.iteration, overwrite=args.overwrite, vocab_size=args.vocab_size,
+                progress=not args.no_progress)
             _report_removed(summary)
             print(f"wrote {args.out}: {', '.join(summary['files'] + summary['tokenizer_files'])} "
                   f"(rope_theta {summary['rope_theta']:g}, max_position_embeddings "

@@ -52,7 +52,7 @@ def compatible_tp_sizes(vocab_size: int, divisible_by: int, padded: int, spec: H
 def hf_to_megatron(hf_dir: str, out_dir: str, *, rotary_base: Optional[int] = None,
                    make_vocab_size_divisible_by: int = 128, target_tensor_parallel_size: int = 1,
                    dtype: Optional[torch.dtype] = None, tokenizer_model: Optional[str] = None,
-                   overwrite: bool = False) -> dict:
+                   overwrite: bool = False, progress: bool = False) -> dict:
     """Convert an HF Llama-family folder into a megatron release checkpoint. Returns the summary
     written to ``megatron_args.json`` (``flags``: the model flags pretrain_tw.py needs).
 
@@ -83,7 +83,8 @@ def hf_to_megatron(hf_dir: str, out_dir: str, *, rotary_base: Optional[int] = No
         with megatron_io.single_process_megatron():
             args = megatron_io.parse_model_args(flags)
             model = megatron_io.build_model(args, padded, dtype)
-            load_hf_into_megatron(model, hf_dir, config, rotary_base=rotary_base)
+            load_hf_into_megatron(model, hf_dir, config, rotary_base=rotary_base,
+                                  progress=progress)
             megatron_io.save_release_checkpoint(model, args, tmp)
         config.save_pretrained(tmp)
         summary["tokenizer_files"] = hf_io.copy_tokenizer(tmp, hf_folder=hf_dir,
@@ -164,7 +165,8 @@ def tokenizer_vocab_size(ckpt_args) -> Optional[int]:
 def megatron_to_hf(ckpt_dir: str, out_dir: str, *, hf_config: Optional[str] = None,
                    dtype: Optional[torch.dtype] = None, tokenizer_from: Optional[str] = None,
                    tokenizer_model: Optional[str] = None, iteration: Optional[int] = None,
-                   overwrite: bool = False, vocab_size: Optional[int] = None) -> dict:
+                   overwrite: bool = False, vocab_size: Optional[int] = None,
+                   progress: bool = False) -> dict:
     """Convert a megatron torch_dist checkpoint (any TP x PP layout it was saved in) to an HF folder.
 
     The HF config is built from the arguments the checkpoint saved (checkpoint/export_config.py:
@@ -209,7 +211,7 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, *, hf_config: Optional[str] = No
             megatron_io.load_checkpoint_into_model(model, args, data_dir)
             state = megatron_state_to_hf(unsharded_state_dict(model), spec, dtype=out_dtype)
         del model
-        files = hf_io.save_safetensors(state, tmp)
+        files = hf_io.save_safetensors(state, tmp, progress=progress)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config_dict, f, indent=2, sort_keys=True)
         tokenizer = hf_io.copy_tokenizer(tmp, hf_folder=tokenizer_from or hf_config or ckpt_dir,

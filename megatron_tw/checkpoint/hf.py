@@ -85,7 +85,8 @@ def _tp(tp_rank, tp_size):
 
 def load_hf_into_megatron(model, hf: Union[str, Mapping[str, torch.Tensor]], hf_config: Any = None,
                           *, rotary_base: Optional[float] = None, tp_rank: Optional[int] = None,
-                          tp_size: Optional[int] = None, check_rotary: bool = True) -> HFModelSpec:
+                          tp_size: Optional[int] = None, check_rotary: bool = True,
+                          progress: bool = False) -> HFModelSpec:
     """Copy HF Llama-family weights into a megatron GPTModel (this rank's TP shard and PP stage).
 
     Args:
@@ -98,6 +99,7 @@ def load_hf_into_megatron(model, hf: Union[str, Mapping[str, torch.Tensor]], hf_
             (context extension); only used for the frequency check.
         tp_rank, tp_size: default to megatron's tensor-parallel group (1 process: 0, 1).
         check_rotary: verify the model's RoPE frequencies match the HF model's.
+        progress: a tqdm bar over the tensors copied (stderr).
 
     Returns the normalised ``HFModelSpec``. Raises ConversionError naming the tensor on a missing
     tensor or shape mismatch; no process-group communication happens.
@@ -115,7 +117,7 @@ def load_hf_into_megatron(model, hf: Union[str, Mapping[str, torch.Tensor]], hf_
     build = MegatronFromHF(source, spec, _padded_vocab(chunks, tp_size) or spec.vocab_size)
     loaded_layers = []
     for chunk in chunks:
-        loaded_layers += _load_stage(chunk, build, spec, tp_rank, tp_size)
+        loaded_layers += _load_stage(chunk, build, spec, tp_rank, tp_size, progress)
         if check_rotary:
             _check_rotary(chunk, spec, rotary_base)
     whole = (sorted(loaded_layers) == list(range(1, spec.num_layers + 1))
@@ -139,13 +141,18 @@ def _padded_vocab(chunks, tp_size: int) -> Optional[int]:
 
 @torch.no_grad()
 def _load_stage(model, build: MegatronFromHF, spec: HFModelSpec, tp_rank: int,
-                tp_size: int) -> list[int]:
+                tp_size: int, progress: bool = False) -> list[int]:
     """Copy this stage's shards; returns the global layer numbers it holds."""
     numbers = layer_numbers(model)
     if numbers and max(numbers) > spec.num_layers:
         raise ConversionError(f"the megatron model has layer {max(numbers)}, the HF model only "
                               f"{spec.num_layers} layers (--num-layers mismatch)")
-    for name, tensor in model.state_dict(keep_vars=True).items():
+    items = model.state_dict(keep_vars=True).items()
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(list(items), desc="converting", unit="tensor")
+    for name, tensor in items:
         if name.endswith("_extra_state"):
             continue
         full_name = canonical_name(name, numbers, spec.tied_embeddings)

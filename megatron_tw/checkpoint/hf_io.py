@@ -70,14 +70,32 @@ class SafetensorsSource(Mapping):
         return name in self._where
 
 
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
 def open_hf_weights(folder: str) -> Mapping[str, torch.Tensor]:
-    """Lazy safetensors reader, or a ``pytorch_model.bin`` loaded whole (weights only)."""
-    if any(f.endswith(".safetensors") for f in os.listdir(folder)):
+    """Lazy safetensors reader, or ``pytorch_model.bin`` / its shards
+    (``pytorch_model-0000k-of-0000n.bin`` with ``pytorch_model.bin.index.json``) loaded whole
+    (weights only: ``torch.load(weights_only=True)`` runs no pickled code)."""
+    names = os.listdir(folder)
+    if any(f.endswith(".safetensors") for f in names):
         return SafetensorsSource(folder)
-    binary = os.path.join(folder, "pytorch_model.bin")
-    if os.path.exists(binary):
-        return torch.load(binary, map_location="cpu", weights_only=True)
-    raise ConversionError(f"{folder}: no model weights (*.safetensors or pytorch_model.bin)")
+    if BIN_INDEX in names:
+        with open(os.path.join(folder, BIN_INDEX)) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        shards = sorted(f for f in names if re.fullmatch(r"pytorch_model(-\d+-of-\d+)?\.bin", f))
+    if shards:
+        missing = [f for f in shards if not os.path.isfile(os.path.join(folder, f))]
+        if missing:
+            raise ConversionError(f"{folder}: {BIN_INDEX} names missing shards {missing[:3]}")
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(torch.load(os.path.join(folder, shard), map_location="cpu",
+                                    weights_only=True))
+        return state
+    raise ConversionError(f"{folder}: no model weights (*.safetensors, pytorch_model.bin or "
+                          "pytorch_model-*.bin shards)")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -241,30 +259,24 @@ def copy_tokenizer(dst: str, *, hf_folder: Optional[str] = None,
 
 
 def save_safetensors(state: dict[str, torch.Tensor], folder: str,
-                     max_shard_bytes: int = 5 * 2**30) -> list[str]:
+                     max_shard_bytes: int = 5 * 2**30, progress: bool = False) -> list[str]:
     """Write ``state`` as ``model.safetensors`` or, above ``max_shard_bytes``, as numbered shards
-    plus ``model.safetensors.index.json`` (HF's layout)."""
+    plus ``model.safetensors.index.json``: huggingface_hub's own split, so the layout is exactly
+    the one ``save_pretrained`` writes and every HF reader expects."""
+    from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor.contiguous()
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-        return ["model.safetensors"]
-    names, weight_map = [], {}
-    for i, shard in enumerate(shards, start=1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(folder, fname), metadata={"format": "pt"})
-        names.append(fname)
-        weight_map.update({k: fname for k in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    with open(os.path.join(folder, SAFE_INDEX), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    return names
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_bytes)
+    files = list(split.filename_to_tensors.items())
+    if progress and len(files) > 1:
+        from tqdm import tqdm
+
+        files = tqdm(files, desc="writing shards", unit="file")
+    for fname, names in files:
+        save_file({k: state[k].contiguous() for k in names}, os.path.join(folder, fname),
+                  metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {**split.metadata}, "weight_map": split.tensor_to_filename}
+        with open(os.path.join(folder, SAFE_INDEX), "w") as f:
+            json.dump(index, f, indent=2)
+    return sorted(split.filename_to_tensors)

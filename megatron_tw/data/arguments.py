@@ -21,6 +21,11 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="With --tw-long-document-sampling: use only documents of at least this many "
              "tokens (documents shorter than --seq-length are never used). Default: every "
              "document with at least one full window.")
+    group.add_argument(
+        "--tw-lead-token-id", type=int, default=None,
+        help="With --tw-long-document-sampling: the token id each window starts with instead of "
+             "the tokenizer's BOS (for tokenizers without one, e.g. Qwen2's: pass its "
+             "<|endoftext|> id). Default: the tokenizer's BOS.")
     return parser
 
 
@@ -33,6 +38,11 @@ def validate_data_args(args: argparse.Namespace) -> None:
         if args.tw_min_document_length < 0:
             raise ValueError(f"--tw-min-document-length must be >= 0, got "
                              f"{args.tw_min_document_length}")
+    if args.tw_lead_token_id is not None:
+        if not args.tw_long_document_sampling:
+            raise ValueError("--tw-lead-token-id only applies with --tw-long-document-sampling")
+        if args.tw_lead_token_id < 0:
+            raise ValueError(f"--tw-lead-token-id must be >= 0, got {args.tw_lead_token_id}")
     if args.tw_long_document_sampling:
         data_path = getattr(args, "data_path", None) or []
         if len(data_path) != 1:

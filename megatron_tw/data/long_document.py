@@ -61,7 +61,7 @@ class LongDocumentWindows:
             raise ValueError(f"--seq-length must be >= 2 for windows, got {seq_length}")
         if bos_id is None or bos_id < 0:
             raise ValueError(f"a BOS token id is needed for long-document sampling, got "
-                             f"{bos_id}: the tokenizer must define BOS")
+                             f"{bos_id}: the tokenizer must define BOS, or pass --tw-lead-token-id")
         self.data_prefix = data_prefix
         self.seq_length = seq_length
         self.min_document_length = min_document_length

@@ -85,6 +85,24 @@ def _build_gpt(args, num_samples, vp_stage):
         gpt_dataset_config_from_args(args)).build()
 
 
+def lead_token(args, tokenizer) -> int:
+    """The id every long-document window starts with: --tw-lead-token-id, else the BOS."""
+    if getattr(args, "tw_lead_token_id", None) is not None:
+        if args.tw_lead_token_id >= tokenizer.vocab_size:
+            raise SystemExit(f"pretrain_tw.py: error: --tw-lead-token-id {args.tw_lead_token_id} "
+                             f"is outside the tokenizer's vocabulary ({tokenizer.vocab_size})")
+        return args.tw_lead_token_id
+    try:
+        bos = tokenizer.bos
+    except (AttributeError, NotImplementedError):
+        bos = None
+    if bos is None or bos < 0:
+        raise SystemExit("pretrain_tw.py: error: --tw-long-document-sampling starts every window "
+                         "with BOS, and this tokenizer has none: pass --tw-lead-token-id ID (e.g. "
+                         "its end-of-text token)")
+    return bos
+
+
 @register_dataset_builder("long_document")
 def _build_long_document(args, num_samples, vp_stage):
     from megatron_tw.data.long_document import build_long_document_datasets
@@ -93,7 +111,7 @@ def _build_long_document(args, num_samples, vp_stage):
         return None, None, None
     tokenizer = get_tokenizer()
     return build_long_document_datasets(
-        args.data_path, seq_length=args.seq_length, bos_id=tokenizer.bos,
+        args.data_path, seq_length=args.seq_length, bos_id=lead_token(args, tokenizer),
         min_document_length=args.tw_min_document_length or 0, split=args.split,
         num_samples=num_samples, seed=args.seed,
         create_attention_mask=args.create_attention_mask_in_dataloader)

@@ -5,6 +5,7 @@ AutoTokenizer, and a failed conversion leaves nothing at the output path."""
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +133,45 @@ def test_unsupported_architecture_cli(tmp_path, capsys):
     rc = _cli().main(["hf-to-megatron", "--hf-dir", str(tmp_path / "gpt2"), "--out", str(tmp_path / "o")])
     assert rc == 1 and "'gpt2'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_sharded_pytorch_bin_source_and_sharded_safetensors_output(hf_dir, tmp_path):
+    """pytorch_model-*.bin shards (with their index) convert like safetensors; an output above
+    the shard size is written in huggingface_hub's layout, which transformers loads."""
+    from safetensors.torch import load_file
+
+    from megatron_tw.checkpoint import convert, hf_io
+
+    original = load_file(hf_dir / "model.safetensors")
+    bins = tmp_path / "bins"
+    bins.mkdir()
+    for name in os.listdir(hf_dir):
+        if not name.endswith(".safetensors"):
+            shutil.copy(hf_dir / name, bins / name)
+    names = sorted(original)
+    halves = [names[: len(names) // 2], names[len(names) // 2:]]
+    weight_map = {}
+    for i, part in enumerate(halves, start=1):
+        fname = f"pytorch_model-{i:05d}-of-00002.bin"
+        torch.save({k: original[k] for k in part}, bins / fname)
+        weight_map.update({k: fname for k in part})
+    (bins / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert set(hf_io.open_hf_weights(str(bins))) == set(original)
+
+    meg, back = tmp_path / "meg", tmp_path / "back"
+    convert.hf_to_megatron(str(bins), str(meg), make_vocab_size_divisible_by=32)
+    convert.megatron_to_hf(str(meg), str(back))
+    roundtrip = load_file(back / "model.safetensors")
+    assert all(torch.equal(roundtrip[k], original[k]) for k in original)
+
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    total = sum(t.numel() * t.element_size() for t in original.values())
+    files = hf_io.save_safetensors(dict(original), str(sharded), max_shard_bytes=total // 3)
+    assert len(files) >= 3 and (sharded / "model.safetensors.index.json").exists()
+    shutil.copy(hf_dir / "config.json", sharded / "config.json")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(sharded, local_files_only=True)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], original[k]) for k in original if k in state)

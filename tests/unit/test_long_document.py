@@ -193,3 +193,27 @@ def test_data_args():
     args.data_path = ["0.5", "a", "0.5", "b"]
     with pytest.raises(ValueError, match="one --data-path prefix"):
         validate_data_args(args)
+
+
+def test_lead_token_for_tokenizers_without_bos():
+    """--tw-lead-token-id names the token windows start with when the tokenizer has no BOS (as
+    Qwen2's); without it such a tokenizer gets one line naming the flag."""
+    import argparse
+    import types
+
+    from megatron_tw.data.provider import lead_token
+
+    class NoBos:
+        vocab_size = 100
+
+        @property
+        def bos(self):
+            raise NotImplementedError
+
+    with pytest.raises(SystemExit, match="--tw-lead-token-id ID"):
+        lead_token(argparse.Namespace(tw_lead_token_id=None), NoBos())
+    assert lead_token(argparse.Namespace(tw_lead_token_id=7), NoBos()) == 7
+    with pytest.raises(SystemExit, match="outside the tokenizer's vocabulary"):
+        lead_token(argparse.Namespace(tw_lead_token_id=100), NoBos())
+    with_bos = types.SimpleNamespace(bos=1, vocab_size=100)
+    assert lead_token(argparse.Namespace(tw_lead_token_id=None), with_bos) == 1
