@@ -16,6 +16,7 @@ parsing: ``pretrain_tw.main`` does it.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -76,6 +77,12 @@ def check_flags_on_machine(args: argparse.Namespace, machine: Machine) -> None:
         raise ConfigError(f"--transformer-impl transformer_engine: Transformer Engine is "
                           f"installed but does not import ({machine.te_error}); reinstall it as "
                           "docs/gpu.md shows, or train with --transformer-impl local")
+    if (machine.te_error and args.transformer_impl == "local"
+            and "--transformer-impl" not in getattr(args, "tw_given_flags", ())
+            and int(os.environ.get("RANK", "0")) == 0):
+        print(f"WARNING: Transformer Engine is installed but does not import "
+              f"({machine.te_error}); training with megatron's local layers instead (see "
+              "docs/gpu.md to repair TE)", file=sys.stderr, flush=True)
     if args.transformer_impl == "transformer_engine" and not (cuda and te):
         missing = "a CUDA GPU" if not cuda else "Transformer Engine (see docs/gpu.md)"
         raise ConfigError(
@@ -157,12 +164,28 @@ def _weighting(args: argparse.Namespace) -> dict:
     return {"tw_weighting": weighting_config_from_args(args)}
 
 
+def resolve_wandb_args(args: argparse.Namespace) -> Optional[dict]:
+    """megatron's training_log sends the losses, the weight statistics, the learning rate and the
+    gradient norm to W&B only where it writes them to TensorBoard: with --wandb-project and no
+    --tensorboard-dir, W&B would get none of them. Default --tensorboard-dir to
+    <W&B save dir>/tensorboard then (the W&B save dir is megatron's: --wandb-save-dir, else
+    <--save>/wandb)."""
+    if not getattr(args, "wandb_project", None) or getattr(args, "tensorboard_dir", None):
+        return None
+    save_dir = args.wandb_save_dir or (os.path.join(args.save, "wandb") if args.save else None)
+    if save_dir is None:
+        raise ConfigError("--wandb-project needs --wandb-save-dir DIR (or --save, whose wandb/ "
+                          "subfolder megatron uses) for the W&B run files")
+    return {"tensorboard_dir": os.path.join(save_dir, "tensorboard")}
+
+
 # Every start-up step, in order: (CHECK, fn) raises; (RESOLVE, fn) returns settings to apply.
 # Order matters: the scorer steps read the weighting config; the file checks come last.
 STEPS: list[tuple[str, Callable[[argparse.Namespace], Optional[dict]]]] = [
     (CHECK, check_machine),
     (CHECK, check_context_parallel),
     (CHECK, check_schedule),
+    (RESOLVE, resolve_wandb_args),
     (RESOLVE, _weighting),
     (RESOLVE, resolve_scoring_args),
     (CHECK, validate_scoring_args),

@@ -146,13 +146,13 @@ def scorer_setup_hook(model_provider, scorer: Optional[Scorer]):
 
     def provider(*args, **kwargs):
         model = model_provider(*args, **kwargs)
-        if not getattr(scorer, "_set_up", False):
+        if not scorer.ready:  # virtual pipeline stages call the provider once per chunk
             try:
                 with _rng_untouched():
                     scorer.setup(model)
             except ConfigError as err:  # e.g. --tw-scorer-load of another vocabulary
                 raise SystemExit(f"pretrain_tw.py: error: {err}") from None
-            scorer._set_up = True
+            scorer.ready = True
         return model
 
     return provider

@@ -68,6 +68,7 @@ class Scorer:
         self.bos_id = bos_id
         self.vocab_size = vocab_size
         self.model = None
+        self.ready = False  # setup() ran (the model may live on another pipeline stage)
         self._iteration = None
 
     def setup(self, trainee) -> None:

@@ -115,6 +115,12 @@ def test_broken_te_gets_one_clear_line(parse_on):
     assert parse_on(BROKEN_TE).transformer_impl == "local"
 
 
+def test_broken_te_fallback_says_so(parse_on, capsys):
+    parse_on(BROKEN_TE)
+    err = capsys.readouterr().err
+    assert "Transformer Engine is installed but does not import" in err and "local" in err
+
+
 def test_sequence_parallel_on_the_cpu_is_refused(parse_on):
     from megatron_tw.arguments import ConfigError
 
