@@ -29,7 +29,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt
   echo "[setup] installing megatron-tw and its dependencies into .venv (first time: a few minutes)"
   .venv/bin/python -m pip install --quiet --upgrade pip
   # pyproject.toml holds the ranges; constraints.txt the exact versions CI tests with.
-  .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test,hf,eval]"
+  .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test,hf,eval,wandb]"
   touch "$stamp"
 fi
 .venv/bin/python -W ignore -c "import megatron.core, torch; print(f'[setup] .venv ready: megatron-core {megatron.core.__version__}, torch {torch.__version__}')"
