@@ -3,7 +3,10 @@
 Per record and per ``--json-keys`` key: decode the bytes (UTF-8, under the invalid-UTF-8
 rule), parse the JSON line, take the key's string, ``tokenizer.tokenize(text)`` (megatron's
 tokenizer, as training builds it), append EOD when asked. One document is one sequence
-(document-level output, as Megatron-LM without ``--split-sentences``).
+(document-level output, as Megatron-LM without ``--split-sentences``). With
+``--split-sentences`` (Megatron-LM's ``Encoder.split`` + ``encode``): punkt splits the text,
+each sentence is tokenized on its own and is one sequence of the document; sentences with no
+token are dropped, EOD is appended to the last sentence (``sentences.py``).
 
 Invalid UTF-8 rule (``--invalid-utf8``):
 - ``error`` (default): the record is bad: its file, line and byte offset are reported.
@@ -30,11 +33,14 @@ class EncodedRecord:
     """What a worker sends back for one record.
 
     ``documents[key]``: token ids, shape [n] (dtype of the output), n == 0 for an empty
-    document. ``error``: the message for a bad record (``documents`` is None then).
+    document. ``lengths[key]``: the sequence lengths (sum n): one per sentence with
+    ``--split-sentences``, else None (one sequence). ``error``: the message for a bad record
+    (``documents`` is None then).
     """
 
     nbytes: int
     documents: dict[str, numpy.ndarray] | None = None
+    lengths: dict[str, list[int]] | None = None
     error: str | None = None
     replaced_utf8: bool = False
     blank: bool = False
@@ -45,8 +51,11 @@ class Encoder:
 
     tokenizer = None  # one per worker process, built by initializer()
 
+    splitter = None  # punkt, with --split-sentences
+
     def __init__(self, tokenizer_args, json_keys: list[str], append_eod: bool,
-                 invalid_utf8: str, dtype):
+                 invalid_utf8: str, dtype, split_sentences: bool = False,
+                 lang: str = "english", keep_newlines: bool = False):
         if invalid_utf8 not in INVALID_UTF8_RULES:
             raise ValueError(f"--invalid-utf8 must be one of {INVALID_UTF8_RULES}")
         self.tokenizer_args = tokenizer_args
@@ -54,6 +63,9 @@ class Encoder:
         self.append_eod = append_eod
         self.invalid_utf8 = invalid_utf8
         self.dtype = dtype
+        self.split_sentences = split_sentences
+        self.lang = lang
+        self.keep_newlines = keep_newlines
 
     def initializer(self, tokenizer=None) -> None:
         from megatron_tw.data.preprocess.tokenizer import build_tokenizer
@@ -61,6 +73,10 @@ class Encoder:
         Encoder.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(
             self.tokenizer_args)
         Encoder.eod = Encoder.tokenizer.eod if self.append_eod else None
+        if self.split_sentences:
+            from megatron_tw.data.preprocess.sentences import load_splitter
+
+            Encoder.splitter = load_splitter(self.lang, self.keep_newlines)
 
     def encode(self, record: Record) -> EncodedRecord:
         nbytes = len(record.payload)
@@ -79,12 +95,30 @@ class Encoder:
         del text  # the decoded line: only the parsed strings are needed (long lines: memory)
 
         documents = {}
+        lengths = {} if self.split_sentences else None
         for key in self.json_keys:
-            ids = Encoder.tokenizer.tokenize(fields[key])
+            if self.split_sentences:
+                ids, lengths[key] = self._encode_sentences(fields[key])
+            else:
+                ids = Encoder.tokenizer.tokenize(fields[key])
             if ids and Encoder.eod is not None:
                 ids.append(Encoder.eod)
+                if lengths is not None:
+                    lengths[key][-1] += 1
             documents[key] = numpy.asarray(ids, dtype=self.dtype)
-        return EncodedRecord(nbytes, documents=documents, replaced_utf8=replaced)
+        return EncodedRecord(nbytes, documents=documents, lengths=lengths,
+                             replaced_utf8=replaced)
+
+    def _encode_sentences(self, text: str) -> tuple[list[int], list[int]]:
+        from megatron_tw.data.preprocess.sentences import split_sentences
+
+        ids, lengths = [], []
+        for sentence in split_sentences(Encoder.splitter, text):
+            sentence_ids = Encoder.tokenizer.tokenize(sentence)
+            if sentence_ids:  # Megatron-LM drops sentences with no token
+                ids.extend(sentence_ids)
+                lengths.append(len(sentence_ids))
+        return ids, lengths
 
     def _decode(self, record: Record) -> tuple[str | None, bool, str | None]:
         try:

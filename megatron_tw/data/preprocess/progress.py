@@ -17,6 +17,7 @@ class Progress:
         self.log_interval = max(1, log_interval)
         self.start = time.perf_counter()
         self.bytes = 0
+        self._next_report = self.log_interval  # records may jump (--partitions reports sums)
         self.bar = None
         if bar is None:
             bar = sys.stderr.isatty()
@@ -28,12 +29,15 @@ class Progress:
 
     def update(self, records: int, nbytes: int) -> None:
         self.bytes += nbytes
+        report = records >= self._next_report
+        if report:
+            self._next_report = (records // self.log_interval + 1) * self.log_interval
         if self.bar is not None:
             self.bar.update(nbytes)
-            if records % self.log_interval == 0:
+            if report:
                 self.bar.set_postfix_str(f"{records} docs, {self._docs_per_s(records):.0f} docs/s",
                                          refresh=False)
-        elif records % self.log_interval == 0:
+        elif report:
             elapsed = time.perf_counter() - self.start
             print(f"processed {records} documents ({self._docs_per_s(records):.0f} docs/s, "
                   f"{self.bytes / 1e6 / max(elapsed, 1e-9):.2f} MB/s, "

@@ -53,7 +53,7 @@ HF_VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _check_tokenizer_path(tokenizer_type: str, path: str) -> None:
@@ -107,7 +107,15 @@ def build_tokenizer(args: argparse.Namespace):
     args.pad_vocab_size = False  # padding needs model-parallel sizes: training does it
     try:
         return _build(args)
-    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+    except AttributeError as exc:  # e.g. MultimodalTokenizer: args.tokenizer_prompt_format
+        flag = "--" + (getattr(exc, "name", None) or "?").replace("_", "-")
+        raise TokenizerError(
+            f"--tokenizer-type {args.tokenizer_type}: refused: megatron builds it from {flag}, a "
+            "training flag outside megatron.training's tokenizer group, which Megatron-LM's "
+            "preprocess_data.py does not accept either (it fails there the same way); preprocess "
+            "the text with that model's text tokenizer (e.g. HuggingFaceTokenizer)") from exc
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, AssertionError,
+            ImportError) as exc:
         what = f" --tokenizer-model {args.tokenizer_model}" if needs_model else ""
         if args.tokenizer_type == "SentencePieceTokenizer":
             raise TokenizerError(

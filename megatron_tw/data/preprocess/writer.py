@@ -12,6 +12,7 @@ prefix removes them (``remove_stale_temporaries``) unless that process is still 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 
@@ -38,6 +39,13 @@ def remove_stale_temporaries(prefix: str) -> list[str]:
     return remove_stale(folder, pattern)
 
 
+def remove_temporaries_of(prefix: str, pid: int) -> None:
+    """Remove ``<prefix>.tmp-<pid>.bin/.idx`` of one (finished) process, if there."""
+    for path in (f"{prefix}.tmp-{pid}.bin", f"{prefix}.tmp-{pid}.idx"):
+        if os.path.exists(path):
+            os.remove(path)
+
+
 def token_dtype(vocab_size: int):
     """Megatron-LM's choice: uint16 when the vocabulary fits, else int32."""
     return DType.optimal_dtype(vocab_size)
@@ -46,7 +54,8 @@ def token_dtype(vocab_size: int):
 class AtomicDatasetWriter:
     """One IndexedDataset being written under a temporary name.
 
-    ``add(ids)`` appends one document: ids shape [n], n > 0 (one sequence per document).
+    ``add(ids, lengths)`` appends one document: ids shape [n], n > 0, as sequences of
+    ``lengths`` (sum n; default one sequence of n: document-level output).
     """
 
     def __init__(self, prefix: str, dtype):
@@ -59,10 +68,28 @@ class AtomicDatasetWriter:
         self.tokens = 0
         self._open = True
 
-    def add(self, ids: numpy.ndarray) -> None:
-        self.builder.add_document(ids, [ids.size])
+    def add(self, ids: numpy.ndarray, lengths: list[int] | None = None) -> None:
+        self.builder.add_document(ids, [ids.size] if lengths is None else lengths)
         self.documents += 1
         self.tokens += int(ids.size)
+
+    def add_index(self, prefix: str) -> None:
+        """Append a whole dataset written by another writer (``--partitions``; megatron's
+        ``IndexedDatasetBuilder.add_index``, as Megatron-LM merges its partitions)."""
+        reader_log = logging.getLogger("megatron.core.datasets.indexed_dataset")
+        level = reader_log.level
+        reader_log.setLevel(logging.WARNING)  # not 5 INFO lines per partition
+        try:
+            self.builder.add_index(prefix)
+        finally:
+            reader_log.setLevel(level)
+
+    def finish_part(self) -> str:
+        """Write the index next to the temporary .bin and keep both (a partition, to be merged
+        with ``add_index`` then removed with ``abort``); returns the temporary prefix."""
+        self.builder.finalize(get_idx_path(self.tmp_prefix))
+        self._open = False
+        return self.tmp_prefix
 
     def commit(self) -> tuple[str, str]:
         """Finish the index and move both files to their final names."""
