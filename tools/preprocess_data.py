@@ -97,7 +97,9 @@ def get_args(argv=None) -> argparse.Namespace:
                             "the case here)")
     group.add_argument("--log-interval", type=int, default=1000,
                        help="progress update every this many documents")
-    group.add_argument("--no-progress-bar", action="store_true",
+    # --no-progress as in the project's other tools; --no-progress-bar kept as an alias
+    group.add_argument("--no-progress", "--no-progress-bar", dest="no_progress_bar",
+                       action="store_true",
                        help="log lines instead of a progress bar even on a terminal")
     return parser.parse_args(argv)
 

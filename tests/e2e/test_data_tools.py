@@ -88,7 +88,7 @@ def test_interrupted_run_leaves_nothing(tokenizer_model, tmp_path):
     proc = subprocess.Popen(
         [PYTHON, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(inp),
          "--output-prefix", str(tmp_path / "out"), "--tokenizer-type", "SentencePieceTokenizer",
-         "--tokenizer-model", str(tokenizer_model), "--workers", "2", "--no-progress-bar",
+         "--tokenizer-model", str(tokenizer_model), "--workers", "2", "--no-progress",
          "--log-interval", "100"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -55,7 +55,7 @@ def punkt_english(tmp_path, monkeypatch):
 def args(inputs, prefix, model, *extra):
     return ["--input", *map(str, inputs), "--output-prefix", str(prefix),
             "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(model),
-            "--append-eod", "--no-progress-bar", *extra]
+            "--append-eod", "--no-progress", *extra]
 
 
 def files_of(prefix, level="document"):
