@@ -21,6 +21,7 @@ from megatron.training.utils import get_blend_and_blend_per_split, is_first_or_l
 
 from megatron_tw.data.batch import reads_short_loss
 from megatron_tw.data.short_loss import SidecarError, attach_short_losses
+from megatron_tw.registry import registrar
 
 
 class WithSampleId(torch.utils.data.Dataset):
@@ -67,14 +68,7 @@ def gpt_dataset_config_from_args(args) -> GPTDatasetConfig:
 DATASET_BUILDERS = {}
 
 
-def register_dataset_builder(name: str):
-    def register(fn):
-        if name in DATASET_BUILDERS:
-            raise ValueError(f"dataset builder {name!r} is already registered")
-        DATASET_BUILDERS[name] = fn
-        return fn
-
-    return register
+register_dataset_builder = registrar(DATASET_BUILDERS, "dataset builder")
 
 
 @register_dataset_builder("gpt")

@@ -30,17 +30,12 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from megatron_tw.registry import registrar
+
 BACKENDS: dict[str, Callable[..., "ModelBackend"]] = {}
 
 
-def register_backend(name: str):
-    def register(factory):
-        if name in BACKENDS:
-            raise ValueError(f"model backend {name!r} is already registered")
-        BACKENDS[name] = factory
-        return factory
-
-    return register
+register_backend = registrar(BACKENDS, "model backend")
 
 
 def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.device:

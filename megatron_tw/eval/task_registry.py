@@ -10,6 +10,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from megatron_tw.registry import registrar
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -49,14 +51,7 @@ def register_task(spec: TaskSpec) -> TaskSpec:
     return spec
 
 
-def register_family(name: str):
-    def register(fn):
-        if name in FAMILIES:
-            raise ValueError(f"task family {name!r} is already registered")
-        FAMILIES[name] = fn
-        return fn
-
-    return register
+register_family = registrar(FAMILIES, "task family")
 
 
 def _niah(name, haystack, key, value, k=1, v=1, q=1):

@@ -15,19 +15,13 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_tw.model.cp_attention import ContextParallelDotProductAttention
 from megatron_tw.model.seeded_layer import LayerSeededTransformerLayer
+from megatron_tw.registry import registrar
 
 # name -> builder(args) -> ModuleSpec. Register a new backend here (e.g. a kitchen spec).
 LAYER_SPECS = {}
 
 
-def register_layer_spec(name: str):
-    def register(fn):
-        if name in LAYER_SPECS:
-            raise ValueError(f"layer spec {name!r} is already registered")
-        LAYER_SPECS[name] = fn
-        return fn
-
-    return register
+register_layer_spec = registrar(LAYER_SPECS, "layer spec")
 
 
 @register_layer_spec("transformer_engine")

@@ -27,19 +27,13 @@ from megatron_tw.scoring.model import (
     scorer_config,
     share_parameters,
 )
+from megatron_tw.registry import registrar
 from megatron_tw.scoring.spans import plan_spans
 
 SCORERS: dict[str, type] = {}
 
 
-def register_scorer(name: str):
-    def register(cls):
-        if name in SCORERS:
-            raise ValueError(f"a scorer named {name!r} is already registered ({SCORERS[name]})")
-        SCORERS[name] = cls
-        return cls
-
-    return register
+register_scorer = registrar(SCORERS, "scorer")
 
 
 class Scorer:
