@@ -1,14 +1,30 @@
 #!/usr/bin/env python
-"""One-GPU check of the GPU path: Transformer Engine imports, and bf16 and FP8 training steps of a
-~1B Llama-style model with token weighting off (uniform) and on (dense), as a table.
+"""One-GPU check of the project's GPU path, as ONE markdown table (a column "section"):
 
     bash benchmarks/gpu_check.sh [options]      # = python benchmarks/gpu_check.py [options]
-    python benchmarks/gpu_check.py --seq-length 16384 --rows bf16-uniform,fp8-uniform
     python benchmarks/gpu_check.py --dry-run    # print the commands only
+    python benchmarks/gpu_check.py --model tiny --allow-cpu     # the same code path on a CPU
 
-Each row is one short run of ``pretrain_tw.py`` in one process on megatron's ``--mock-data``
-(Llama-3.2-1B's shape by default: 16 layers, hidden 2048, 32 heads / 8 KV groups, SwiGLU 8192,
-vocabulary 128,256, tied embeddings). Its log is kept under ``--log-dir``.
+Sections (rows in this order in the table):
+
+  setup      the machine (GPU, torch, megatron-core, Transformer Engine) and the inputs made on
+             the fly (benchmarks/gpu_check_fixtures.py: a tiny random HF Llama with the trainee's
+             vocabulary as frozen scorer, a SentencePiece tokenizer, held-out text).
+  attention  benchmarks/gpu_check_attention.py: chunk_causal_attention (forward + backward) and
+             sliding_window_attention with and without the sink, against a float64 reference on
+             sampled query rows, with the peak of torch.cuda.max_memory_allocated per case
+             (bf16, 8 query / 2 K/V heads of 128, at 16k and 32k tokens, window 4096).
+  pretrain   short pretrain_tw.py runs, one process each (benchmarks/gpu_check_train.py), on
+             megatron's --mock-data: uniform (saves its checkpoint); dense with the self scorer,
+             sliding and windows mode; dense with the frozen scorer; tools/score_data.py writing
+             the frozen scorer's sidecar, then sparse with the precomputed losses; FP8 rows
+             (Transformer Engine only). Per row: first and last lm loss (the loss must fall and
+             stay finite), step time, tokens/s, TFLOP/s, MFU, the step time against the uniform
+             row of the same call, host syncs per step and peak memory.
+  evaluate   tools/evaluate.py --device cuda on the uniform row's checkpoint: a short
+             perplexity, its time.
+
+Figures of the pretrain rows:
 
     step time  median of megatron's "elapsed time per iteration" after ``--warmup`` iterations
     tokens/s   T / step time, T = global batch x sequence length (tokens per step)
@@ -20,31 +36,45 @@ vocabulary 128,256, tied embeddings). Its log is kept under ``--log-dir``.
                backward. Attention adds QK^T and AV: 4 s d_attn per token forward over full
                attention, halved by the causal mask, times 3 with the backward.
                (L layers, h hidden, f MLP width, d_attn = heads x d_head, g KV groups, s sequence)
-               The dense row's scorer forward is overhead, not counted: weighting shows as lower
-               TFLOP/s at the same F.
+               A scorer's forward is overhead, not counted: weighting shows as lower TFLOP/s at
+               the same F (and as the step-time ratio to uniform).
     MFU        TFLOP/s / the GPU's dense peak (H100/H200 SXM: bf16 989, FP8 1979 TFLOP/s;
                --peak-bf16/--peak-fp8 for other GPUs)
+    syncs/step with GPU_CHECK_SYNC_DEBUG=1 the training process sets
+               torch.cuda.set_sync_debug_mode("warn") after its first iteration; the lines
+               "called a synchronizing CUDA operation" between two iteration lines of the log
+               are that step's host syncs (median over the steps after the first)
 
-Where Transformer Engine is absent the bf16 rows run with ``--transformer-impl local`` and the
-FP8 rows are marked skipped; without CUDA every row is skipped unless ``--allow-cpu`` (the bf16
-rows then run on the CPU, for a tiny model). Exit status: 0 when every row that could run ran,
-1 when a row failed or nothing could run.
+Where Transformer Engine is absent the rows run with ``--transformer-impl local`` and the FP8
+rows are skipped with the reason; without CUDA every row is skipped unless ``--allow-cpu`` (then
+everything that can runs on the CPU: use --model tiny). A time budget (--budget) bounds the
+whole check: a step that would start after it is skipped, and a running one is stopped at it.
+On a GPU the steps run one at a time; on the CPU --jobs of them (2) at a time.
+Exit status: 0 when every row that could run passed, 1 when a row failed or nothing could run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
+import shlex
+import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+SECTIONS = ("setup", "attention", "pretrain", "evaluate")
+SYNC_MESSAGE = "called a synchronizing CUDA operation"
 
 
 @dataclass(frozen=True)
@@ -68,16 +98,39 @@ class ModelShape:
                 "--disable-bias-linear", "--attention-dropout", "0", "--hidden-dropout", "0"]
 
 
-# name -> (shape, default sequence length, default short context for the dense rows)
-MODELS = {
-    "llama-1b": (ModelShape(16, 2048, 8192, 32, 8, 64, 128256), 8192, 4096),
-    "tiny": (ModelShape(2, 64, 128, 4, 2, 16, 512), 256, 64),
+@dataclass(frozen=True)
+class ModelDefaults:
+    shape: ModelShape
+    seq_length: int
+    short_context: int
+    global_batch_size: int
+    lr: float
+    ppl_length: int
+
+
+MODELS = {  # Llama-3.2-1B's shape (tied embeddings), and a tiny model for CPU runs
+    "llama-1b": ModelDefaults(ModelShape(16, 2048, 8192, 32, 8, 64, 128256), 8192, 4096, 4,
+                              1e-4, 2048),
+    "tiny": ModelDefaults(ModelShape(2, 64, 128, 4, 2, 16, 512), 256, 64, 2, 3e-3, 128),
 }
-ROWS = {  # name -> (precision, --tw-* flags without the short context)
-    "bf16-uniform": ("bf16", ["--tw-preset", "uniform"]),
-    "bf16-dense": ("bf16", ["--tw-preset", "dense"]),
+
+# pretrain rows: name -> (precision, --tw-* flags; W = the short context, WW/SS = windows mode)
+ROWS = {
+    "uniform": ("bf16", ["--tw-preset", "uniform"]),
+    "dense-self-sliding": ("bf16", ["--tw-preset", "dense", "--tw-scorer", "self",
+                                    "--tw-short-context", "W", "--tw-short-mode", "sliding"]),
+    "dense-self-windows": ("bf16", ["--tw-preset", "dense", "--tw-scorer", "self",
+                                    "--tw-short-context", "WW", "--tw-short-mode", "windows",
+                                    "--tw-short-stride", "SS"]),
+    "dense-frozen": ("bf16", ["--tw-preset", "dense", "--tw-scorer", "frozen",
+                              "--tw-scorer-load", "SCORER", "--tw-short-context", "W",
+                              "--tw-short-mode", "sliding"]),
+    "sparse-precomputed": ("bf16", ["--tw-preset", "sparse", "--tw-scorer", "precomputed",
+                                    "--tw-short-context", "W", "--tw-short-mode", "sliding",
+                                    "--tw-short-loss-path", "SIDECAR"]),
     "fp8-uniform": ("fp8", ["--tw-preset", "uniform"]),
-    "fp8-dense": ("fp8", ["--tw-preset", "dense"]),
+    "fp8-dense": ("fp8", ["--tw-preset", "dense", "--tw-scorer", "self",
+                          "--tw-short-context", "W", "--tw-short-mode", "sliding"]),
 }
 # Dense (non-sparse) peak TFLOP/s by device-name pattern, checked in order.
 PEAKS = [("H100 PCIe", {"bf16": 756.0, "fp8": 1513.0}),
@@ -128,21 +181,42 @@ for name, (new, old) in checks.items():
 print("TE_PROBE " + json.dumps(out))
 """
 
+# CUDA and the versions, in a child process: the check's own process never touches the GPU.
+_MACHINE_PROBE = r"""
+import importlib.metadata as md, importlib.util, json, torch
+out = {"torch": torch.__version__, "cuda": torch.cuda.is_available(), "device": "CPU",
+       "capability": None, "memory_gib": None, "cuda_version": torch.version.cuda}
+if out["cuda"]:
+    p = torch.cuda.get_device_properties(0)
+    out.update(device=p.name, capability=[p.major, p.minor], memory_gib=p.total_memory / 2**30)
+for name in ("megatron-core", "transformers", "sentencepiece", "tensorboard"):
+    try:
+        out[name] = md.version(name)
+    except md.PackageNotFoundError:
+        out[name] = None
+spec = importlib.util.find_spec("megatron")
+out["megatron_path"] = (list(spec.submodule_search_locations or [None])[0]
+                        if spec is not None else None)
+print("MACHINE " + json.dumps(out))
+"""
+
 
 def probe_machine() -> dict:
-    """CUDA device and Transformer Engine (imported in a child process: a broken TE install is
-    reported, not fatal)."""
+    """CUDA device and versions, and Transformer Engine (each imported in a child process: a
+    broken install is reported, not fatal)."""
+    info = {"torch": "?", "cuda": False, "device": "CPU", "capability": None, "memory_gib": None,
+            "cuda_version": None, "megatron-core": None, "te_installed": False, "te": None,
+            "te_error": None, "probe_error": None}
+    proc = subprocess.run([sys.executable, "-c", _MACHINE_PROBE], capture_output=True,
+                          text=True, timeout=300)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("MACHINE ")), None)
+    if line:
+        info.update(json.loads(line[len("MACHINE "):]))
+    else:
+        info["probe_error"] = error_line(proc.stdout + proc.stderr)
     import importlib.util
-    import json
 
-    import torch
-
-    info = {"torch": torch.__version__, "cuda": torch.cuda.is_available(), "device": "CPU",
-            "capability": None, "te_installed": importlib.util.find_spec("transformer_engine") is not None,
-            "te": None, "te_error": None}
-    if info["cuda"]:
-        info["device"] = torch.cuda.get_device_name(0)
-        info["capability"] = torch.cuda.get_device_capability(0)
+    info["te_installed"] = importlib.util.find_spec("transformer_engine") is not None
     if info["te_installed"]:
         proc = subprocess.run([sys.executable, "-c", _TE_PROBE], capture_output=True, text=True,
                               timeout=300)
@@ -150,20 +224,22 @@ def probe_machine() -> dict:
         if proc.returncode == 0 and line:
             info["te"] = json.loads(line[len("TE_PROBE "):])
         else:
-            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-            info["te_error"] = tail
+            info["te_error"] = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
     return info
+
+
+def te_reason(info: dict) -> Optional[str]:
+    """None when Transformer Engine imports here, else why not."""
+    if not info["te_installed"]:
+        return "Transformer Engine not installed"
+    if info["te"] is None:
+        return f"Transformer Engine does not import ({info['te_error']})"
+    return None
 
 
 def fp8_recipe_support(info: dict, recipe: str) -> Optional[str]:
     """None when FP8 with ``recipe`` can run here, else the reason it cannot."""
-    reasons = []
-    if not info["te_installed"]:
-        reasons.append("Transformer Engine not installed")
-    elif info["te"] is None:
-        reasons.append(f"Transformer Engine does not import ({info['te_error']})")
-    if not info["cuda"]:
-        reasons.append("no CUDA GPU")
+    reasons = [r for r in (te_reason(info), None if info["cuda"] else "no CUDA GPU") if r]
     if reasons:
         return "; ".join(reasons)
     key = {"mxfp8": "mxfp8", "blockwise": "blockwise"}.get(recipe, "fp8")
@@ -181,32 +257,122 @@ def peak_tflops(info: dict, precision: str, args) -> Optional[float]:
     return None
 
 
-# -- one row -----------------------------------------------------------------------------------
+def transformer_impl(args, info: dict, precision: str) -> str:
+    if precision == "fp8" or args.impl == "transformer_engine":
+        return "transformer_engine"  # FP8 GEMMs are Transformer Engine kernels
+    if args.impl == "local":
+        return "local"
+    return "transformer_engine" if (info["cuda"] and te_reason(info) is None) else "local"
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+def paths(args) -> dict:
+    work = Path(args.log_dir)
+    return {"work": work, "fixtures": work / "fixtures", "scorer": work / "fixtures" / "scorer",
+            "tokenizer": work / "fixtures" / "tok.model",
+            "heldout": work / "fixtures" / "heldout.jsonl", "sidecar": work / "sidecar" / "mock",
+            "ckpt": work / "ckpt-uniform", "eval": work / "eval-uniform"}
+
+
+def windows_setting(seq: int) -> tuple[int, int]:
+    """W and S of the windows row: windows of W = seq/2 + 1 tokens every S = seq/4 tile the
+    sample of seq + 1 tokens ((seq + 1 - W) divisible by S)."""
+    return seq // 2 + 1, seq // 4
+
+
+def base_flags(args) -> list[str]:
+    shape = MODELS[args.model].shape
+    return [*shape.flags(),
+            "--seq-length", str(args.seq_length), "--max-position-embeddings", str(args.seq_length),
+            "--micro-batch-size", "1", "--global-batch-size", str(args.global_batch_size),
+            "--train-iters", str(args.iters), "--lr", str(args.lr), "--min-lr", str(args.lr),
+            "--lr-decay-style", "constant", "--mock-data", "--tokenizer-type", "NullTokenizer",
+            "--vocab-size", str(shape.vocab_size), "--make-vocab-size-divisible-by", "128",
+            "--seed", "1234", "--log-interval", "1", "--log-throughput",
+            "--eval-iters", "0", "--eval-interval", "1000000", "--bf16"]
+
+
+def _substitute(flags: list[str], args) -> list[str]:
+    p = paths(args)
+    ww, ss = windows_setting(args.seq_length)
+    values = {"W": str(args.short_context), "WW": str(ww), "SS": str(ss),
+              "SCORER": str(p["scorer"]), "SIDECAR": str(p["sidecar"])}
+    return [values.get(f, f) for f in flags]
+
+
+def row_flags(row: str, args, info: dict) -> list[str]:
+    """The pretrain_tw.py flags of one pretrain row."""
+    precision, tw = ROWS[row]
+    flags = [*base_flags(args), "--transformer-impl", transformer_impl(args, info, precision),
+             *_substitute(tw, args)]
+    if precision == "fp8":
+        flags += ["--fp8-format", "hybrid", "--fp8-recipe", args.fp8_recipe]
+        if args.fp8_recipe == "delayed":
+            flags += ["--fp8-amax-history-len", "1024", "--fp8-amax-compute-algo", "max"]
+    if row == "uniform":  # its checkpoint is the evaluate row's model (weights only)
+        flags += ["--save", str(paths(args)["ckpt"]), "--save-interval", str(args.iters),
+                  "--ckpt-format", "torch_dist", "--no-save-optim", "--no-save-rng"]
+    return flags + extra_flags(args, row)
+
+
+def extra_flags(args, name: str) -> list[str]:
+    out = []
+    for target, flags in args.row_extra:
+        if target in (name, "all"):
+            out += flags
+    return out
+
 
 def row_command(row: str, args, info: dict) -> list[str]:
-    shape, _, _ = MODELS[args.model]
-    precision, tw = ROWS[row]
-    # FP8 GEMMs are Transformer Engine kernels; bf16 falls back to megatron's local modules.
-    impl = ("transformer_engine" if precision == "fp8" or (info["te"] is not None and info["cuda"])
-            else "local")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-           str(ROOT / "pretrain_tw.py"), *shape.flags(),
-           "--seq-length", str(args.seq_length), "--max-position-embeddings", str(args.seq_length),
-           "--micro-batch-size", "1", "--global-batch-size", str(args.global_batch_size),
-           "--train-iters", str(args.iters), "--lr", "1e-5", "--min-lr", "1e-5",
-           "--lr-decay-style", "constant", "--mock-data", "--tokenizer-type", "NullTokenizer",
-           "--vocab-size", str(shape.vocab_size), "--make-vocab-size-divisible-by", "128",
-           "--seed", "1234", "--log-interval", "1", "--log-throughput",
-           "--eval-iters", "0", "--eval-interval", "1000000",
-           "--bf16", "--transformer-impl", impl, *tw]
-    if "dense" in row:
-        cmd += ["--tw-short-context", str(args.short_context)]
-    if precision == "fp8":
-        cmd += ["--fp8-format", "hybrid", "--fp8-recipe", args.fp8_recipe]
-        if args.fp8_recipe == "delayed":
-            cmd += ["--fp8-amax-history-len", "1024", "--fp8-amax-compute-algo", "max"]
-    return cmd
+    """One pretrain row: ``python benchmarks/gpu_check_train.py <flags>`` (one process; the
+    launcher is pretrain_tw.main with the host-sync counter)."""
+    return [sys.executable, str(BENCH / "gpu_check_train.py"), *row_flags(row, args, info)]
+
+
+def score_command(args, info: dict) -> list[str]:
+    """tools/score_data.py with the sparse row's own flags (the sidecar matches its samples)."""
+    flags = [f for f in row_flags("sparse-precomputed", args, info)]
+    i = flags.index("--tw-scorer")
+    del flags[i:i + 2]
+    return [sys.executable, str(ROOT / "tools" / "score_data.py"), *flags,
+            "--tw-scorer-load", str(paths(args)["scorer"]), "--no-progress",
+            *extra_flags(args, "score_data")]
+
+
+def eval_command(args, info: dict) -> list[str]:
+    p = paths(args)
+    length = min(args.ppl_length, args.seq_length)
+    return [sys.executable, str(ROOT / "tools" / "evaluate.py"), "--model", str(p["ckpt"]),
+            "--model-type", "megatron", "--tokenizer", str(p["tokenizer"]),
+            "--heldout", str(p["heldout"]), "--ppl-length", str(length),
+            "--ppl-sequences", "4", "--batch-size", "2",
+            "--dtype", "bfloat16" if info["cuda"] else "float32",
+            "--device", "cuda" if info["cuda"] else "cpu", "--out", str(p["eval"]),
+            *extra_flags(args, "evaluate")]
+
+
+def fixtures_command(args) -> list[str]:
+    shape = MODELS[args.model].shape
+    return [sys.executable, str(BENCH / "gpu_check_fixtures.py"), "--out",
+            str(paths(args)["fixtures"]), "--vocab", str(shape.vocab_size),
+            "--max-positions", str(max(args.seq_length, 2048))]
+
+
+def attention_command(args, info: dict, out: Path) -> list[str]:
+    a = attention_settings(args, info)
+    return [sys.executable, str(BENCH / "gpu_check_attention.py"),
+            "--device", "cuda" if info["cuda"] else "cpu", "--lengths", a["lengths"],
+            "--heads", str(a["heads"]), "--kv-groups", str(a["kv_groups"]),
+            "--head-dim", str(a["head_dim"]), "--window", str(a["window"]),
+            "--rows", str(args.attn_rows), "--out", str(out), *extra_flags(args, "attention")]
+
+
+def attention_settings(args, info: dict) -> dict:
+    cpu = not info["cuda"]  # small sizes on the CPU (--allow-cpu)
+    return {"lengths": args.attn_lengths or ("512,1024" if cpu else "16384,32768"),
+            "window": args.attn_window or (128 if cpu else 4096),
+            "heads": 4 if cpu else 8, "kv_groups": 2, "head_dim": 64 if cpu else 128}
 
 
 def _free_port() -> int:
@@ -215,40 +381,70 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def child_env(sync_debug: bool = False) -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+           "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           # one process, no torchrun: the rendezvous torchrun would set
+           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    if sync_debug:
+        env["GPU_CHECK_SYNC_DEBUG"] = "1"
+    return env
+
+
+# -- logs --------------------------------------------------------------------------------------
+
 _ITERATION = re.compile(r"iteration\s+(\d+)/\s*\d+ \|(.*)")
+_FIELD = re.compile(r"([a-zA-Z][a-zA-Z0-9 ._/()-]*?):\s+([-+0-9.eEnaifNAIF]+)\s*\|")
 _STEP_MS = re.compile(r"elapsed time per iteration \(ms\):\s*([0-9.]+)")
-_MEGATRON_TFLOPS = re.compile(r"throughput per GPU \(TFLOP/s/GPU\):\s*([0-9.]+)")
 _PARAMS = re.compile(r"number of parameters on \([^)]*\) model parallel rank \([0, ]*\):\s*(\d+)")
 _PADDED_VOCAB = re.compile(r"padded vocab \(size: \d+\) with \d+ dummy tokens \(new size: (\d+)\)")
 _MAX_ALLOC = re.compile(r"max allocated:\s*([0-9.]+)")
 
 
 def parse_log(text: str, warmup: int) -> dict:
-    """Step times (ms) after ``warmup`` iterations, megatron's own TFLOP/s, parameter count,
-    padded vocabulary and peak allocated memory (MB), from one run's console output."""
-    steps, megatron_tflops = {}, {}
+    """From one run's console output: per-iteration lm loss and step time, the median step
+    time after ``warmup`` iterations, NaN iterations, host syncs per step, parameter count,
+    padded vocabulary and peak allocated memory (MB)."""
+    losses, steps, nan_iters = {}, {}, 0
+    syncs, pending, sync_on = {}, 0, False
     for line in text.splitlines():
+        if SYNC_MESSAGE in line:
+            pending += 1
+            continue
+        if "sync debug mode: warn" in line:
+            sync_on, pending = True, 0
+            continue
         m = _ITERATION.search(line)
         if not m:
             continue
         it = int(m.group(1))
+        fields = {k.strip(): v for k, v in _FIELD.findall(m.group(2) + "|")}
         if (t := _STEP_MS.search(m.group(2))):
             steps[it] = float(t.group(1))
-        if (f := _MEGATRON_TFLOPS.search(m.group(2))):
-            megatron_tflops[it] = float(f.group(1))
+        if "lm loss" in fields:
+            losses[it] = float(fields["lm loss"])
+        nan_iters = max(nan_iters, int(float(fields.get("number of nan iterations", 0))))
+        if sync_on:
+            syncs[it] = pending
+        pending = 0
     kept = [ms for it, ms in sorted(steps.items()) if it > warmup]
     found = lambda rx, cast: cast(m.group(1)) if (m := rx.search(text)) else None  # noqa: E731
+    timed_syncs = [n for it, n in sorted(syncs.items()) if it > 1]
     return {"step_ms": statistics.median(kept) if kept else None, "steps": len(kept),
-            "megatron_tflops": (statistics.median(v for it, v in megatron_tflops.items()
-                                                  if it > warmup)
-                                if any(it > warmup for it in megatron_tflops) else None),
+            "step_times": [steps[i] for i in sorted(steps)],
+            "losses": [losses[i] for i in sorted(losses)], "nan_iterations": nan_iters,
+            "syncs": timed_syncs if sync_on else None,
+            "syncs_per_step": statistics.median(timed_syncs) if timed_syncs else
+            (0.0 if sync_on and syncs else None),
             "params": found(_PARAMS, int), "padded_vocab": found(_PADDED_VOCAB, int),
             "max_alloc_mb": max((float(x) for x in _MAX_ALLOC.findall(text)), default=None) or None}
 
 
-# The exception a failed worker raised, or the start-up error pretrain_tw.py printed; torchrun's
-# own ChildFailedError report that follows it says nothing about the cause.
-_ERROR_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)?(?:[\w.]*(?:Error|Exception)|pretrain_tw\.py: error): ")
+# The exception a failed process raised, or the start-up error a tool printed.
+_ERROR_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)?(?:[\w.]*(?:Error|Exception)|[\w_]+\.py: error): ")
 
 
 def error_line(output: str) -> str:
@@ -256,159 +452,536 @@ def error_line(output: str) -> str:
              if _ERROR_LINE.match(x.strip()) and "ChildFailedError" not in x]
     if lines:
         return lines[-1]
-    tail = output.strip().splitlines()
+    tail = [x for x in output.strip().splitlines() if x.strip()]
     return tail[-1].strip() if tail else "no output"
 
 
-def run_row(row: str, args, info: dict) -> dict:
-    precision, _ = ROWS[row]
-    result = {"row": row, "precision": precision, "status": "ok"}
-    skip = None
-    if not info["cuda"] and not args.allow_cpu:
-        skip = "no CUDA GPU (--allow-cpu runs the bf16 rows on the CPU)"
-    elif precision == "fp8":
-        skip = fp8_recipe_support(info, args.fp8_recipe)
-    cmd = row_command(row, args, info)
+# -- running -----------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    section: str
+    name: str
+    status: str = "ok"  # ok | failed | skipped | dry run
+    seconds: Optional[float] = None
+    numbers: str = ""
+    error: str = ""
+    data: dict = field(default_factory=dict)
+    order: float = 0  # place in its section of the table (steps may finish in any order)
+
+    def fail(self, why: str) -> "Row":
+        self.status, self.error = "failed", why
+        return self
+
+    def skip(self, why: str) -> "Row":
+        self.status, self.error = "skipped", why
+        return self
+
+
+class Runner:
+    def __init__(self, args, info: dict):
+        self.args, self.info = args, info
+        self.start = time.monotonic()
+        self.rows: list[Row] = []
+        self.steps: dict[str, Row] = {}  # step key -> its row, once the step has finished
+        self.log_dir = Path(args.log_dir)
+
+    def status_of(self, key: str) -> Optional[str]:
+        """The status of step ``key``'s row, None when it did not run."""
+        row = self.steps.get(key)
+        return None if row is None else row.status
+
+    def left(self) -> float:
+        return self.args.budget - (time.monotonic() - self.start)
+
+    def add(self, row: Row) -> Row:
+        self.rows.append(row)
+        tag = f"{row.status}" + (f": {row.error}" if row.error else "")
+        print(f"[gpu_check] {row.section} / {row.name}: {tag}", file=sys.stderr, flush=True)
+        return row
+
+    def call(self, row: Row, cmd: list[str], log_name: str, sync_debug: bool = False,
+             min_seconds: float = 15.0) -> Optional[str]:
+        """Runs ``cmd``; returns its output (stdout and stderr), or None after marking ``row``
+        skipped (budget) or failed (exit status, timeout)."""
+        if self.args.dry_run:
+            row.status = "dry run"
+            row.data["command"] = cmd
+            return None
+        left = self.left()
+        if left < min_seconds:
+            row.skip(f"time budget spent (--budget {self.args.budget:.0f} s)")
+            return None
+        timeout = min(self.args.timeout, left)
+        log = self.log_dir / f"{log_name}.log"
+        row.data["log"] = str(log)
+        print(f"[gpu_check] {row.section} / {row.name} ... ({shlex.join(cmd[1:3])} ...)",
+              file=sys.stderr, flush=True)
+        t0 = time.monotonic()
+        # its own process group: a timeout ends the workers it started too (checkpoint savers)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(sync_debug), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            output, _ = proc.communicate()
+            code = None
+        row.seconds = time.monotonic() - t0
+        log.write_text(output)
+        if code is None:
+            why = ("the time budget" if timeout < self.args.timeout else "--timeout")
+            row.fail(f"stopped after {timeout:.0f} s ({why}); last line: "
+                     f"{error_line(output)[:200]} [log: {log}]")
+            return output
+        if code != 0:
+            row.fail(f"exit {code}: {error_line(output)[:240]} [log: {log}]")
+        return output
+
+
+def gpu_needed(args, info: dict) -> Optional[str]:
+    if info["cuda"] or args.allow_cpu or args.dry_run:
+        return None
+    return "no CUDA GPU (--allow-cpu runs the check on the CPU, with --model tiny)"
+
+
+def setup_rows(runner: Runner) -> None:
+    args, info = runner.args, runner.info
+    te = info["te"]["version"] if info["te"] else te_reason(info)
+    row = Row("setup", "machine", seconds=None)
+    mem = f", {info['memory_gib']:.0f} GiB" if info.get("memory_gib") else ""
+    path = info.get("megatron_path")
+    where = f" from {Path(path).parent}" if path else ""
+    row.numbers = (f"{info['device']}{mem}, capability {info['capability']}, torch "
+                   f"{info['torch']} (CUDA {info['cuda_version']}), megatron-core "
+                   f"{info.get('megatron-core')}{where}, Transformer Engine: {te}")
+    if info.get("probe_error"):
+        row.fail(f"torch/megatron probe failed: {info['probe_error']}")
+    elif info.get("megatron-core") is None:
+        row.fail("megatron-core is not installed (bash benchmarks/gpu_check_wheels.sh here, then "
+                 "copy .whl/ with the working tree: docs/gpu.md)")
+    elif (why := gpu_needed(args, info)):
+        row.skip(why)
+    runner.add(row)
+
+
+def fixtures_row(runner: Runner) -> Row:
+    row = Row("setup", "fixtures (scorer, tokenizer, held-out text)", order=1)
+    if (why := gpu_needed(runner.args, runner.info)):
+        return runner.add(row.skip(why))
+    p = paths(runner.args)
+    if not runner.args.dry_run:
+        shutil.rmtree(p["fixtures"], ignore_errors=True)
+    out = runner.call(row, fixtures_command(runner.args), "fixtures", min_seconds=5)
+    if out is not None and row.status == "ok":
+        shape = MODELS[runner.args.model].shape
+        row.numbers = (f"HF Llama scorer 2x128, vocab {shape.vocab_size:,}; SentencePiece "
+                       "100 pieces; held-out .jsonl")
+    return runner.add(row)
+
+
+def attention_label(case: str, s: int) -> str:
+    name = {"chunk_causal": "chunk_causal_attention",
+            "sliding sink": "sliding_window_attention sink",
+            "sliding": "sliding_window_attention no sink"}[case]
+    return f"{name} {s // 1024}k" if s % 1024 == 0 else f"{name} {s}"
+
+
+def attention_rows(runner: Runner) -> None:
+    args, info = runner.args, runner.info
+    a = attention_settings(args, info)
+    lengths = [int(x) for x in a["lengths"].split(",") if x.strip()]
+    names = [(case, s) for case in ("chunk_causal", "sliding sink", "sliding") for s in lengths]
+    order = {name: i for i, name in enumerate(names)}
+    if (why := gpu_needed(args, info)):
+        for case, s in names:
+            runner.add(Row("attention", attention_label(case, s), order=order[case, s]).skip(why))
+        return
+    out_file = runner.log_dir / "attention.jsonl"
+    out_file.unlink(missing_ok=True)
+    probe = Row("attention", "attention cases")
+    output = runner.call(probe, attention_command(args, info, out_file), "attention",
+                         min_seconds=10)
     if args.dry_run:
-        result["status"] = "dry run" + (f" (here: skipped, {skip})" if skip else "")
-        result["command"] = cmd
-        return result
-    if skip:
-        result["status"] = f"skipped: {skip}"
-        return result
-    result["impl"] = cmd[cmd.index("--transformer-impl") + 1]
-    log = Path(args.log_dir) / f"{row}.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1",
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=args.timeout)
-        output, code = proc.stdout, proc.returncode
-    except subprocess.TimeoutExpired as err:
-        output = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
-        code = f"timeout after {args.timeout} s"
-    log.write_text(output)
-    result.update(parse_log(output, args.warmup), log=str(log))
-    if code != 0 or result["step_ms"] is None:
-        why = f"exit {code}" if code != 0 else "no timed iteration after the warm-up"
-        result["status"] = f"FAILED ({why}): {error_line(output)[:240]} [log: {log}]"
-    return result
+        runner.add(probe)
+        return
+    results = {}
+    for line in (output or "").splitlines():
+        if line.startswith("ATTN "):
+            r = json.loads(line[5:])
+            results[(r["case"], r["seq"])] = r
+    for case, s in names:
+        row = Row("attention", attention_label(case, s), order=order[case, s])
+        r = results.get((case, s))
+        if r is None:
+            why = probe.error if probe.status != "ok" else "no result printed"
+            row.skip(why) if probe.status == "skipped" else row.fail(why)
+            runner.add(row)
+            continue
+        row.seconds = r.get("wall_s")
+        row.data = r
+        if r["status"] != "ok":
+            row.fail(r.get("error") or "failed")
+        if "max_abs_err" in r:
+            errs = ", ".join(f"{k} {v:.2e}" for k, v in r["errors"].items())
+            peak = (f"peak {r['peak_gib']:.2f} GiB (inputs {r['inputs_gib']:.2f})"
+                    if r.get("peak_gib") is not None else "peak - (CPU)")
+            row.numbers = (f"max abs err {r['max_abs_err']:.2e} ({errs}; tol "
+                           f"{r['tol_rel']:g} x max |ref|), {peak}, {r['seconds'] * 1e3:.1f} ms, "
+                           f"{r['rows']} rows vs float64; {r['what']}")
+        runner.add(row)
+
+
+PRETRAIN_ORDER = ["uniform", "dense-self-sliding", "dense-self-windows", "dense-frozen",
+                  "score_data", "sparse-precomputed", "fp8-uniform", "fp8-dense"]
+
+
+def pretrain_row(runner: Runner, name: str) -> Row:
+    args, info = runner.args, runner.info
+    precision = ROWS[name][0]
+    row = Row("pretrain", name, order=PRETRAIN_ORDER.index(name))
+    if (why := gpu_needed(args, info)):
+        return runner.add(row.skip(why))
+    if precision == "fp8" and (why := fp8_recipe_support(info, args.fp8_recipe)):
+        if not args.dry_run:
+            return runner.add(row.skip(why))
+        row.error = f"here: skipped, {why}"
+    needs = {"dense-frozen": "fixtures", "sparse-precomputed": "score_data"}.get(name)
+    if needs and not args.dry_run and runner.status_of(needs) != "ok":
+        return runner.add(row.skip(f"needs the {needs} row"))
+    if name == "uniform" and not args.dry_run:
+        shutil.rmtree(paths(args)["ckpt"], ignore_errors=True)
+    cmd = row_command(name, args, info)
+    row.data["impl"] = transformer_impl(args, info, precision)
+    output = runner.call(row, cmd, f"pretrain-{name}", sync_debug=True)
+    if output is None:
+        return runner.add(row)
+    r = parse_log(output, args.warmup)
+    row.data.update(r)
+    add_figures(row, args, info)
+    if row.status == "ok":
+        losses = r["losses"]
+        if r["step_ms"] is None or len(losses) < 2:
+            row.fail(f"no timed iteration after the warm-up in the log [log: {row.data['log']}]")
+        elif r["nan_iterations"] or any(x != x or x in (float("inf"), float("-inf"))
+                                        for x in losses):
+            row.fail(f"non-finite lm loss: {losses}")
+        elif not losses[-1] < losses[0]:
+            row.fail(f"lm loss did not fall: {losses[0]:.4g} -> {losses[-1]:.4g}")
+    row.numbers = pretrain_numbers(row)
+    return runner.add(row)
+
+
+def add_figures(row: Row, args, info: dict) -> None:
+    d = row.data
+    shape = MODELS[args.model].shape
+    vocab = d.get("padded_vocab") or shape.vocab_size
+    d["params_formula"] = total_params(shape, vocab)
+    if d.get("step_ms") is None:
+        return
+    tokens = args.global_batch_size * args.seq_length
+    seconds = d["step_ms"] / 1000.0
+    d["tokens_per_s"] = tokens / seconds
+    d["tflops"] = flops_per_step(shape, vocab, args.seq_length, tokens) / seconds / 1e12
+    peak = peak_tflops(info, ROWS[row.name][0], args)
+    d["mfu"] = d["tflops"] / peak if (peak and info["cuda"]) else None
+
+
+def add_ratios(runner: Runner) -> None:
+    """Each weighted row's step time against the uniform row of the same call."""
+    uniform = runner.steps.get("uniform")
+    base = uniform.data.get("step_ms") if uniform is not None else None
+    for row in runner.rows:
+        if row.section == "pretrain" and row.name in ROWS and row.name != "uniform":
+            if base and row.data.get("step_ms") is not None:
+                row.data["vs_uniform"] = row.data["step_ms"] / base
+                row.numbers = pretrain_numbers(row)
+
+
+def _g(value: float) -> str:
+    """Three significant digits for small numbers (tiny CPU runs), else one decimal."""
+    return format(value, ".3g") if abs(value) < 10 else format(value, ".1f")
+
+
+def pretrain_numbers(row: Row) -> str:
+    d = row.data
+    parts = []
+    if d.get("losses"):
+        parts.append(f"lm loss {d['losses'][0]:.4g} -> {d['losses'][-1]:.4g}")
+    if d.get("step_ms") is not None:
+        parts.append(f"step {_g(d['step_ms'])} ms")
+        parts.append(f"{d['tokens_per_s']:,.0f} tok/s")
+        parts.append(f"{_g(d['tflops'])} TFLOP/s")
+        parts.append(f"MFU {d['mfu']:.1%}" if d.get("mfu") is not None else "MFU -")
+    if d.get("vs_uniform") is not None:
+        parts.append(f"x{d['vs_uniform']:.3f} uniform")
+    if d.get("syncs_per_step") is not None:
+        parts.append(f"syncs/step {d['syncs_per_step']:g} ({d['syncs']})")
+    elif d.get("step_ms") is not None:
+        parts.append("syncs/step -")
+    if d.get("max_alloc_mb"):
+        parts.append(f"peak {d['max_alloc_mb'] / 1024:.1f} GiB")
+    if d.get("impl"):
+        parts.append(d["impl"])
+    return ", ".join(p for p in parts if p)
+
+
+def score_row(runner: Runner) -> Row:
+    args, info = runner.args, runner.info
+    row = Row("pretrain", "score_data (sidecar for sparse-precomputed)",
+              order=PRETRAIN_ORDER.index("score_data"))
+    if (why := gpu_needed(args, info)):
+        return runner.add(row.skip(why))
+    if not args.dry_run and runner.status_of("fixtures") != "ok":
+        return runner.add(row.skip("needs the fixtures row"))
+    if not args.dry_run:
+        shutil.rmtree(paths(args)["sidecar"].parent, ignore_errors=True)
+        paths(args)["sidecar"].parent.mkdir(parents=True)
+    output = runner.call(row, score_command(args, info), "score_data")
+    if output is not None and row.status == "ok":
+        m = re.search(r"wrote \S+_train\.\{bin,idx,json\}: (\d+) x (\d+) float32", output)
+        if m:
+            row.numbers = (f"{m.group(1)} samples x {m.group(2)} losses, frozen scorer, "
+                           f"W={args.short_context} sliding")
+        else:
+            row.fail(f"no train sidecar written [log: {row.data['log']}]")
+    return runner.add(row)
+
+
+def evaluate_row(runner: Runner) -> Row:
+    args, info = runner.args, runner.info
+    row = Row("evaluate", "evaluate.py perplexity (uniform checkpoint)")
+    if (why := gpu_needed(args, info)):
+        return runner.add(row.skip(why))
+    if not args.dry_run:
+        for need in ("uniform", "fixtures"):
+            if runner.status_of(need) != "ok":
+                return runner.add(row.skip(f"needs the {need} row"))
+        shutil.rmtree(paths(args)["eval"], ignore_errors=True)
+    output = runner.call(row, eval_command(args, info), "evaluate")
+    if output is not None and row.status == "ok":
+        try:
+            res = json.loads((paths(args)["eval"] / "results.json").read_text())
+            pos = res["loss_by_position"]
+            device = "cuda" if info["cuda"] else "cpu"
+            row.numbers = (f"ppl {pos['ppl']:.4g} over {pos['sequences']} x "
+                           f"{min(args.ppl_length, args.seq_length)} tokens on {device}, "
+                           f"evaluate {res['seconds']} s")
+            row.data["ppl"], row.data["eval_seconds"] = pos["ppl"], res["seconds"]
+            if not pos["ppl"] == pos["ppl"]:
+                row.fail("perplexity is NaN")
+        except (OSError, KeyError, ValueError) as err:
+            row.fail(f"no results.json with a perplexity: {err}")
+    return runner.add(row)
 
 
 # -- the table ---------------------------------------------------------------------------------
 
-def add_figures(result: dict, args, info: dict) -> None:
-    shape, _, _ = MODELS[args.model]
-    vocab = result.get("padded_vocab") or shape.vocab_size
-    result["params_formula"] = total_params(shape, vocab)
-    if result.get("step_ms") is None:
-        return
-    tokens = args.global_batch_size * args.seq_length
-    seconds = result["step_ms"] / 1000.0
-    result["tokens_per_s"] = tokens / seconds
-    result["tflops"] = flops_per_step(shape, vocab, args.seq_length, tokens) / seconds / 1e12
-    peak = peak_tflops(info, result["precision"], args)
-    result["mfu"] = result["tflops"] / peak if (peak and info["cuda"]) else None
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _fmt(value, spec: str) -> str:
-    if value is None:
-        return "-"
-    if spec == ".1f" and abs(value) < 10:  # tiny CPU runs: keep three significant digits
-        spec = ".3g"
-    return format(value, spec)
-
-
-def render(results: list[dict], args, info: dict) -> str:
-    shape, _, _ = MODELS[args.model]
-    te = info["te"]["version"] if info["te"] else ("not installed" if not info["te_installed"]
-                                                  else f"does not import: {info['te_error']}")
-    lines = [f"# GPU check: {args.model}, seq {args.seq_length}, global batch "
-             f"{args.global_batch_size}, {args.iters} iterations ({args.warmup} warm-up)", "",
-             f"- device: {info['device']} (capability {info['capability']}), torch "
-             f"{info['torch']}, Transformer Engine {te}",
-             f"- FP8 recipe: hybrid / {args.fp8_recipe}; dense rows: --tw-short-context "
-             f"{args.short_context}",
-             "- TFLOP/s = (6 N T + 6 L s d_attn T) / step time; MFU against the dense peak", "",
-             "| row | impl | step time (ms) | tokens/s | TFLOP/s | MFU | megatron TFLOP/s "
-             "| max alloc (GB) | status |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        mem = r.get("max_alloc_mb")
-        lines.append(
-            f"| {r['row']} | {r.get('impl', '-')} | {_fmt(r.get('step_ms'), '.1f')} "
-            f"| {_fmt(r.get('tokens_per_s'), ',.0f')} | {_fmt(r.get('tflops'), '.1f')} "
-            f"| {_fmt(r.get('mfu'), '.1%')} | {_fmt(r.get('megatron_tflops'), '.1f')} "
-            f"| {_fmt(mem / 1024 if mem else None, '.1f')} | {r['status']} |")
-    for r in results:
-        if r.get("params") is not None and r["params"] != r.get("params_formula"):
-            lines.append(f"\nwarning: {r['row']}: megatron reports {r['params']:,} parameters, "
-                         f"the FLOP formula assumes {r['params_formula']:,}")
-    for r in results:
-        if "command" in r:
-            lines.append(f"\n{r['row']}:\n    " + " ".join(r["command"]))
-    n = matmul_params(shape, next((r["padded_vocab"] for r in results if r.get("padded_vocab")),
-                                  shape.vocab_size))
-    lines.append(f"\nN = {n:,} matmul parameters; T = {args.global_batch_size * args.seq_length:,}"
-                 " tokens per step")
+def render(rows: list[Row], args, info: dict) -> str:
+    shape = MODELS[args.model].shape
+    ww, ss = windows_setting(args.seq_length)
+    vocab = next((r.data["padded_vocab"] for r in rows if r.data.get("padded_vocab")),
+                 shape.vocab_size)
+    lines = [f"# GPU check: {info['device']}, model {args.model} "
+             f"({total_params(shape, vocab) / 1e6:,.1f}M parameters), seq {args.seq_length}, "
+             f"global batch {args.global_batch_size}, {args.iters} iterations "
+             f"(step time: median after {args.warmup})", "",
+             f"- pretrain: bf16, one process, --mock-data, lr {args.lr:g}; sliding rows W = "
+             f"{args.short_context}, windows row W = {ww} S = {ss}; FP8 hybrid/{args.fp8_recipe}",
+             "- TFLOP/s = (6 N T + 6 L s d_attn T) / step time, "
+             f"N = {matmul_params(shape, vocab):,}, "
+             f"T = {args.global_batch_size * args.seq_length:,} tokens per step; MFU against the "
+             "dense peak; syncs/step from torch.cuda.set_sync_debug_mode(\"warn\") after "
+             "iteration 1", "",
+             "| section | name | status | time (s) | numbers | error |",
+             "|---|---|---|---|---|---|"]
+    order = {s: i for i, s in enumerate(SECTIONS)}
+    for r in sorted(rows, key=lambda r: (order[r.section], r.order)):
+        secs = "-" if r.seconds is None else f"{r.seconds:.1f}"
+        lines.append(f"| {r.section} | {_cell(r.name)} | {r.status} | {secs} | "
+                     f"{_cell(r.numbers or '-')} | {_cell(r.error or '')} |")
+    for r in rows:
+        if (r.data.get("params") is not None
+                and r.data["params"] != r.data.get("params_formula")):
+            lines.append(f"\nwarning: {r.name}: megatron reports {r.data['params']:,} "
+                         f"parameters, the FLOP formula assumes {r.data['params_formula']:,}")
+    for r in rows:
+        if "command" in r.data:
+            lines.append(f"\n{r.section} / {r.name}:\n    " + shlex.join(r.data["command"]))
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), default="llama-1b")
     p.add_argument("--seq-length", type=int, default=None, help="default: the model's (8192)")
     p.add_argument("--short-context", type=int, default=None,
-                   help="dense rows' --tw-short-context (default: the model's, 4096)")
-    p.add_argument("--global-batch-size", type=int, default=4,
-                   help="sequences per step (micro-batch 1, accumulated)")
-    p.add_argument("--iters", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=3, help="iterations left out of the median")
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
+                   help="W of the sliding-mode rows (default: the model's, 4096)")
+    p.add_argument("--global-batch-size", type=int, default=None,
+                   help="sequences per step (micro-batch 1, accumulated; default: the model's, 4)")
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1, help="iterations left out of the median")
+    p.add_argument("--lr", type=float, default=None, help="constant learning rate "
+                   "(default: the model's, 1e-4)")
+    p.add_argument("--sections", default=",".join(SECTIONS[1:]),
+                   help="comma list of attention, pretrain, evaluate (setup always runs)")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"pretrain rows: {', '.join(ROWS)}")
+    p.add_argument("--impl", choices=["auto", "local", "transformer_engine"], default="auto",
+                   help="bf16 rows' --transformer-impl (auto: TE where it imports on a GPU)")
     p.add_argument("--fp8-recipe", choices=["delayed", "tensorwise", "blockwise", "mxfp8"],
                    default="delayed")
     p.add_argument("--peak-bf16", type=float, default=None, help="dense bf16 peak TFLOP/s")
     p.add_argument("--peak-fp8", type=float, default=None, help="dense FP8 peak TFLOP/s")
-    p.add_argument("--log-dir", default="/tmp/tw_gpu_check")
-    p.add_argument("--out", default=None, help="also write the table (markdown) here")
-    p.add_argument("--timeout", type=int, default=900, help="seconds per row")
-    p.add_argument("--allow-cpu", action="store_true", help="without CUDA, run the bf16 rows on "
+    p.add_argument("--attn-lengths", default=None,
+                   help="attention sequence lengths (default 16384,32768; CPU 512,1024)")
+    p.add_argument("--attn-window", type=int, default=None,
+                   help="sliding cases' W (default 4096; CPU 128)")
+    p.add_argument("--attn-rows", type=int, default=64, help="query rows checked per case")
+    p.add_argument("--ppl-length", type=int, default=None,
+                   help="evaluate's --ppl-length (default: the model's, 2048)")
+    p.add_argument("--row-extra", action="append", default=[], metavar="NAME=FLAGS",
+                   help="append FLAGS (shell-split) to one step's command: a pretrain row, "
+                        "score_data, evaluate, attention or all (e.g. to test the check itself)")
+    p.add_argument("--log-dir", default="/tmp/tw_gpu_check", help="logs and work files")
+    p.add_argument("--out", default=None, help="also write the table (markdown) here, and the "
+                   "rows' figures as JSON next to it (.json)")
+    p.add_argument("--timeout", type=float, default=300, help="seconds per command")
+    p.add_argument("--budget", type=float, default=500,
+                   help="seconds for the whole check (default 500: under 9 minutes with the "
+                        "wheel install); later steps are skipped")
+    p.add_argument("--jobs", type=int, default=2, help="steps at a time on the CPU "
+                   "(--allow-cpu); on a GPU always 1")
+    p.add_argument("--allow-cpu", action="store_true", help="without CUDA, run every section on "
                    "the CPU (use --model tiny)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = p.parse_args(argv)
-    _, seq, short = MODELS[args.model]
-    args.seq_length = args.seq_length or seq
-    args.short_context = args.short_context or min(short, args.seq_length // 2)
+    d = MODELS[args.model]
+    args.seq_length = args.seq_length or d.seq_length
+    args.short_context = args.short_context or min(d.short_context, args.seq_length // 2)
+    args.global_batch_size = args.global_batch_size or d.global_batch_size
+    args.lr = args.lr or d.lr
+    args.ppl_length = args.ppl_length or d.ppl_length
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in args.rows if r not in ROWS]
     if unknown:
         p.error(f"--rows: unknown {unknown}; choose from {', '.join(ROWS)}")
+    args.sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    if args.sections - set(SECTIONS):
+        p.error(f"--sections: unknown {sorted(args.sections - set(SECTIONS))}")
     if args.iters <= args.warmup:
         p.error(f"--iters {args.iters} must exceed --warmup {args.warmup}")
+    extras = []
+    for item in args.row_extra:
+        name, sep, flags = item.partition("=")
+        targets = {*ROWS, "score_data", "evaluate", "attention", "all"}
+        if not sep or name not in targets:
+            p.error(f"--row-extra {item!r}: expected NAME=FLAGS, NAME one of "
+                    f"{', '.join(sorted(targets))}")
+        extras.append((name, shlex.split(flags)))
+    args.row_extra = extras
     return args
 
 
+@dataclass
+class Step:
+    key: str
+    deps: tuple
+    run: object  # Runner -> Row (the step's main row)
+
+
+def plan(args) -> list[Step]:
+    """The steps in the order they run on a GPU (one at a time); a step's dependencies come
+    before it."""
+    wanted, rows = args.sections, args.rows
+    pretrain = [r for r in PRETRAIN_ORDER if r in rows or r == "score_data"
+                and "sparse-precomputed" in rows] if "pretrain" in wanted else []
+    if "evaluate" in wanted and "uniform" not in pretrain:
+        pretrain.insert(0, "uniform")  # the evaluate row's checkpoint
+    steps = []
+    if "evaluate" in wanted or {"dense-frozen", "score_data"} & set(pretrain):
+        steps.append(Step("fixtures", (), fixtures_row))
+    if "attention" in wanted:
+        steps.append(Step("attention", (), attention_rows))
+    for name in pretrain:
+        if name == "score_data":
+            steps.append(Step(name, ("fixtures",), score_row))
+        else:
+            deps = {"dense-frozen": ("fixtures",), "sparse-precomputed": ("score_data",)}
+            steps.append(Step(name, deps.get(name, ()),
+                              lambda runner, name=name: pretrain_row(runner, name)))
+        if name == "uniform" and "evaluate" in wanted:
+            steps.append(Step("evaluate", ("uniform", "fixtures"), evaluate_row))
+    return steps
+
+
+def run_steps(runner: Runner, steps: list[Step], jobs: int) -> None:
+    """Runs ``steps``, at most ``jobs`` at a time, each once its dependencies have finished;
+    in list order when jobs is 1."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    keys = {s.key for s in steps}
+    pending, running, finished = list(steps), {}, set()
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        while pending or running:
+            for step in list(pending):
+                if len(running) >= jobs:
+                    break
+                if all(d in finished or d not in keys for d in step.deps):
+                    pending.remove(step)
+                    running[pool.submit(step.run, runner)] = step
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                step = running.pop(future)
+                row = future.result()
+                if row is not None:
+                    runner.steps[step.key] = row
+                finished.add(step.key)
+
+
 def main(argv=None) -> int:
+    started = time.monotonic()  # the budget counts the probes too
     args = parse_args(argv)
     Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     info = probe_machine()
-    results = []
-    for row in args.rows:
-        print(f"[gpu_check] {row} ...", file=sys.stderr, flush=True)
-        result = run_row(row, args, info)
-        add_figures(result, args, info)
-        results.append(result)
-    table = render(results, args, info)
+    runner = Runner(args, info)
+    runner.start = started
+    setup_rows(runner)
+    # one step at a time on a GPU (timings, memory); on the CPU --jobs (the tests' 2 cores)
+    jobs = 1 if (info["cuda"] or args.dry_run) else max(1, args.jobs)
+    run_steps(runner, plan(args), jobs)
+    add_ratios(runner)
+    table = render(runner.rows, args, info)
     print(table)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table)
-    failed = [r for r in results if r["status"].startswith("FAILED")]
-    ran = [r for r in results if r["status"] == "ok"]
-    if failed or (not ran and not args.dry_run):
-        print("gpu_check: " + (f"{len(failed)} row(s) failed, logs above" if failed
-                               else "nothing could run on this machine"), file=sys.stderr)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table)
+        out.with_suffix(".json").write_text(json.dumps(
+            {"machine": info, "seconds": time.monotonic() - runner.start,
+             "rows": [{"section": r.section, "name": r.name, "status": r.status,
+                       "seconds": r.seconds, "numbers": r.numbers, "error": r.error,
+                       "data": r.data} for r in runner.rows]}, indent=1, default=str))
+    failed = [r for r in runner.rows if r.status == "failed"]
+    ran = [r for r in runner.rows if r.status == "ok" and r.section != "setup"]
+    budget = [r for r in runner.rows if r.status == "skipped" and "time budget" in r.error]
+    print(f"gpu_check: {len(ran)} ok, {len(failed)} failed, "
+          f"{sum(r.status == 'skipped' for r in runner.rows)} skipped in "
+          f"{time.monotonic() - runner.start:.0f} s"
+          + (f"; {len(budget)} skipped for the time budget" if budget else ""), file=sys.stderr)
+    if args.dry_run:
+        return 0
+    if failed or not ran:
+        if not ran and not failed:
+            print("gpu_check: nothing could run on this machine", file=sys.stderr)
         return 1
     return 0
 

@@ -134,23 +134,61 @@ def _gpu_check():
 
 
 @unit
-@pytest.mark.parametrize("recipe", ["delayed", "tensorwise", "blockwise", "mxfp8"])
-def test_gpu_check_commands_parse_on_a_gpu_machine(machine, recipe):
-    """The FP8/bf16 rows benchmarks/gpu_check.py launches are accepted where they can run."""
+@pytest.mark.parametrize("te, recipe", [(False, "delayed"), (True, "delayed"),
+                                        (True, "tensorwise"), (True, "blockwise"),
+                                        (True, "mxfp8")],
+                         ids=["gpu-without-te", "te-delayed", "te-tensorwise", "te-blockwise",
+                              "te-mxfp8"])
+def test_gpu_check_commands_parse_on_a_gpu_machine(machine, te, recipe):
+    """Every training command benchmarks/gpu_check.py launches (its pretrain rows, and
+    tools/score_data.py for the sparse row's sidecar) is accepted by the project's parser on the
+    machine it targets: a GPU with TE (TE layers, FP8 rows with the recipe) and the lent H200
+    without TE (local layers; the FP8 rows are skipped there, not launched)."""
     gpu_check = _gpu_check()
     args = gpu_check.parse_args(["--fp8-recipe", recipe])
-    info = {"cuda": True, "te": {"version": "any"}, "te_installed": True}
-    parse = machine(cuda=True, te=True)
+    info = ({"cuda": True, "te": {"version": "any"}, "te_installed": True} if te else
+            {"cuda": True, "te": None, "te_installed": False, "te_error": None})
+    parse = machine(cuda=True, te=te)
+    paths = gpu_check.paths(args)
+    launcher = str(ROOT / "benchmarks" / "gpu_check_train.py")
     for row in gpu_check.ROWS:
+        if row.startswith("fp8") and not te:
+            assert gpu_check.fp8_recipe_support(info, recipe) == "Transformer Engine not installed"
+            continue
         cmd = gpu_check.row_command(row, args, info)
-        argv = cmd[cmd.index(str(ROOT / "pretrain_tw.py")) + 1:]
-        parsed = parse(argv)
-        assert parsed.transformer_impl == "transformer_engine" and parsed.bf16
+        assert cmd[1] == launcher
+        parsed = parse(cmd[2:])
+        assert parsed.transformer_impl == ("transformer_engine" if te else "local") and parsed.bf16
+        assert (parsed.seq_length, parsed.global_batch_size, parsed.train_iters) == (8192, 4, 3)
         if row.startswith("fp8"):
             assert (parsed.fp8, parsed.fp8_recipe) == ("hybrid", recipe)
         else:
             assert parsed.fp8 is None
         assert parsed.tw_weighting.is_uniform == row.endswith("uniform")
+        if not row.endswith("uniform"):
+            assert parsed.tw_short_context == (4097 if "windows" in row else 4096)
+            assert parsed.tw_short_mode == ("windows" if "windows" in row else "sliding")
+        expected_scorer = {"dense-frozen": "frozen", "sparse-precomputed": "precomputed"}
+        if not row.endswith("uniform"):
+            assert parsed.tw_scorer == expected_scorer.get(row, "self")
+        if row == "dense-frozen":
+            assert parsed.tw_scorer_load == str(paths["scorer"])
+        if row == "sparse-precomputed":
+            assert parsed.tw_short_loss_path == str(paths["sidecar"])
+        if row == "uniform":  # the evaluate row's checkpoint
+            assert parsed.save == str(paths["ckpt"]) and parsed.save_interval == 3
+
+    # the sidecar is scored with the sparse row's own flags (same samples), frozen scorer
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import score_data
+    finally:
+        sys.path.pop(0)
+    cmd = gpu_check.score_command(args, info)
+    tool, scored = score_data.parse(cmd[2:])
+    assert scored.tw_scorer == "frozen" and scored.tw_scorer_load == str(paths["scorer"])
+    assert (scored.seq_length, scored.tw_short_context, scored.tw_short_loss_path) == (
+        8192, 4096, str(paths["sidecar"]))
 
 
 # -- checks that megatron's own validation does not make ----------------------------------------------------
@@ -195,24 +233,28 @@ def test_mxfp8_on_hopper_is_rejected(machine):
 
 @pytest.mark.e2e
 def test_gpu_check_runs_bf16_local_and_skips_fp8_without_te(tmp_path):
-    """benchmarks/gpu_check.py on this machine: the bf16 row trains with --transformer-impl local
-    and its figures follow from the stated formula; the FP8 row is skipped with the reason."""
+    """benchmarks/gpu_check.py on this machine: the uniform row trains with --transformer-impl
+    local and its figures follow from the stated formula; the FP8 row is skipped with the
+    reason."""
     if importlib.util.find_spec("transformer_engine") is not None:
         pytest.skip("this machine has Transformer Engine")
+    import json
+
     out = tmp_path / "gpu_check.md"
     proc = subprocess.run(
         [PYTHON, "benchmarks/gpu_check.py", "--model", "tiny", "--allow-cpu",
-         "--rows", "bf16-uniform,fp8-uniform", "--iters", "4", "--warmup", "1",
-         "--global-batch-size", "2", "--seq-length", "128", "--log-dir", str(tmp_path),
-         "--out", str(out)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+         "--sections", "pretrain", "--rows", "uniform,fp8-uniform", "--iters", "4",
+         "--warmup", "1", "--global-batch-size", "2", "--seq-length", "128", "--log-dir",
+         str(tmp_path), "--out", str(out)], cwd=ROOT, env=env(), capture_output=True,
+        text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     table = out.read_text()
-    rows = {cells[0]: cells for cells in
-            ([c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()
-             if line.startswith("| bf16") or line.startswith("| fp8"))}
-    bf16, fp8 = rows["bf16-uniform"], rows["fp8-uniform"]
-    assert bf16[1] == "local" and bf16[-1] == "ok"
-    assert fp8[-1].startswith("skipped: Transformer Engine not installed")
+    rows = {r["name"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    uniform, fp8 = rows["uniform"], rows["fp8-uniform"]
+    assert uniform["status"] == "ok" and uniform["data"]["impl"] == "local"
+    assert "| pretrain | uniform | ok |" in table and ", local" in uniform["numbers"]
+    assert fp8["status"] == "skipped"
+    assert fp8["error"].startswith("Transformer Engine not installed")
     assert "warning" not in table  # megatron's parameter count == the formula's
 
     # Independent float64 reference for the tiny model: L=2, h=64, f=128, 4 heads x 16,
@@ -221,7 +263,11 @@ def test_gpu_check_runs_bf16_local_and_skips_fp8_without_te(tmp_path):
     d_attn = heads * d_head
     N = L * (h * d_attn + 2 * h * g * d_head + d_attn * h + 3 * h * f) + V * h
     flops = 6.0 * N * T + 6.0 * L * s * d_attn * T
-    step_s = float(bf16[2]) / 1000.0
-    assert float(bf16[3].replace(",", "")) == pytest.approx(T / step_s, rel=2e-3, abs=1)
-    assert float(bf16[4]) == pytest.approx(flops / step_s / 1e12, rel=1e-2)
-    assert f"N = {N:,} matmul parameters" in table
+    data = uniform["data"]
+    step_s = data["step_ms"] / 1000.0
+    assert data["step_ms"] == pytest.approx(
+        sorted(data["step_times"][1:])[1], rel=1e-9)  # median of iterations 2..4
+    assert data["tokens_per_s"] == pytest.approx(T / step_s, rel=1e-9)
+    assert data["tflops"] == pytest.approx(flops / step_s / 1e12, rel=1e-9)
+    assert f"{T / step_s:,.0f} tok/s" in uniform["numbers"]
+    assert f"N = {N:,}" in table
