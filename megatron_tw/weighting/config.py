@@ -173,3 +173,11 @@ class WeightingConfig:
                     f"{FLAGS['interpolation']}."
                 )
         return self
+
+
+# megatron saves the run's args in every checkpoint (``args.tw_weighting`` is a WeightingConfig)
+# and --ckpt-format torch loads them with torch.load(weights_only=True), which admits only
+# registered classes: without this a resume prints "could not load the checkpoint" and exits.
+import torch.serialization  # noqa: E402
+
+torch.serialization.add_safe_globals([WeightingConfig])

@@ -63,8 +63,8 @@ def _args(corpus: str) -> list[str]:
 class Job:
     """``torchrun pretrain_tw.py`` in its own process group, its output read line by line."""
 
-    def __init__(self, args: list[str]):
-        cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+    def __init__(self, args: list[str], nproc: int = 1):
+        cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
                "pretrain_tw.py", *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
