@@ -29,7 +29,7 @@ def main(argv=None, wrap_forward_step=None) -> None:
     from megatron_tw.data.provider import train_valid_test_datasets_provider
     from megatron_tw.model.provider import model_provider
     from megatron_tw.reliability import install_step_guard
-    from megatron_tw.scoring.scorers import build_scorer, special_token
+    from megatron_tw.scoring.scorers import build_scorer, probe_ids, special_token
     from megatron_tw.step import forward_step, scorer_setup_hook
 
     try:
@@ -44,7 +44,7 @@ def main(argv=None, wrap_forward_step=None) -> None:
         install_step_guard()
     tokenizer = get_tokenizer()
     scorer = build_scorer(args, bos_id=special_token(tokenizer, "bos"),
-                          vocab_size=tokenizer.vocab_size)
+                          vocab_size=tokenizer.vocab_size, probe_ids=probe_ids(tokenizer))
     step = partial(forward_step, scorer=scorer)
     if wrap_forward_step is not None:
         step = wrap_forward_step(step)

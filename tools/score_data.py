@@ -190,7 +190,7 @@ def main(argv=None) -> None:
     )
     from megatron.training import get_tokenizer
 
-    from megatron_tw.scoring.scorers import SCORERS, special_token
+    from megatron_tw.scoring.scorers import SCORERS, probe_ids, special_token
 
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -223,7 +223,7 @@ def main(argv=None) -> None:
 
     tokenizer = get_tokenizer()
     scorer = SCORERS["frozen"](args, bos_id=special_token(tokenizer, "bos"),
-                               vocab_size=tokenizer.vocab_size)
+                               vocab_size=tokenizer.vocab_size, probe_ids=probe_ids(tokenizer))
     try:
         scorer.setup(None)  # on this machine's compute device (the GPU when there is one)
     except ConfigError as err:  # e.g. a scorer of another vocabulary: the message is the story

@@ -20,6 +20,7 @@ from megatron.training import get_args, get_tokenizer, print_rank_0
 from megatron.training.utils import get_blend_and_blend_per_split, is_first_or_last_pipeline_stage
 
 from megatron_tw.data.batch import reads_short_loss
+from megatron_tw.data.checks import check_token_ids, data_prefixes
 from megatron_tw.data.short_loss import SidecarError, attach_short_losses
 from megatron_tw.registry import registrar
 
@@ -118,6 +119,12 @@ def dataset_kind(args) -> str:
 def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage: Optional[int] = None):
     args = get_args()
     kind = dataset_kind(args)
+    if not getattr(args, "mock_data", False) and is_dataset_built_on_rank(vp_stage):
+        try:
+            check_token_ids(data_prefixes(*get_blend_and_blend_per_split(args)),
+                            get_tokenizer().vocab_size)
+        except ValueError as err:  # the file, the cause and the fix: no traceback to bury it
+            raise SystemExit(f"pretrain_tw.py: error: {err}") from None
     print_rank_0(f"> building train, validation, and test datasets ({kind}) ...")
     datasets = DATASET_BUILDERS[kind](args, train_val_test_num_samples, vp_stage)
     if reads_short_loss(args):

@@ -63,7 +63,42 @@ def _check_vocab(path: str, scorer_vocab: int, trainee_vocab: int) -> None:
             "(losses of different tokenizations cannot be compared token by token)")
 
 
-def _from_hf(args, path: str, vocab_size: int, load_group=None):
+# A fixed probe: two tokenizers with one vocabulary size that split it alike are taken as one.
+TOKENIZER_PROBE = ("The quick brown fox, 1234 times: jumps over the lazy dog! "
+                   "Naïve café, résumé; Ünïcode — 東京 \"quotes\" and (parentheses).")
+
+
+def check_scorer_tokenizer(path: str, probe_ids, special_ids=()) -> None:
+    """An HF scorer folder that ships tokenizer files must split the probe as the trainee's
+    tokenizer does (``probe_ids``): the same vocabulary size is not the same tokenizer, and losses
+    of different tokenizations cannot be compared token by token. Special tokens (BOS/EOS a
+    tokenizer may add) are ignored on both sides; a folder without tokenizer files is not
+    checked."""
+    from megatron_tw.checkpoint.hf_io import has_tokenizer
+
+    if probe_ids is None or not has_tokenizer(os.listdir(path)):
+        return
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception:  # an unreadable tokenizer folder: the vocabulary-size check still holds
+        return
+    special = set(special_ids) | set(getattr(tokenizer, "all_special_ids", []) or [])
+    theirs = [i for i in tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=False)
+              if i not in special]
+    ours = [int(i) for i in probe_ids if int(i) not in special]
+    if theirs != ours:
+        first = next((k for k, (a, b) in enumerate(zip(theirs, ours)) if a != b),
+                     min(len(theirs), len(ours)))
+        raise ScorerError(
+            f"--tw-scorer-load {path}: its tokenizer splits a probe sentence differently from the "
+            f"trainee's ({len(theirs)} vs {len(ours)} tokens, first difference at token {first}): "
+            "the same vocabulary size but another tokenizer; the scorer must use the trainee's "
+            "tokenizer (losses of different tokenizations cannot be compared token by token)")
+
+
+def _from_hf(args, path: str, vocab_size: int, load_group=None, probe_ids=None):
     from megatron_tw.checkpoint.families import megatron_args_from_hf_config, padded_vocab_size
     from megatron_tw.checkpoint.hf import load_hf_into_megatron
     from megatron_tw.checkpoint.hf_io import read_hf_config
@@ -72,6 +107,7 @@ def _from_hf(args, path: str, vocab_size: int, load_group=None):
     hf_config = read_hf_config(path)
     vocab = int(hf_config.vocab_size if hasattr(hf_config, "vocab_size") else hf_config["vocab_size"])
     _check_vocab(path, vocab, vocab_size)
+    check_scorer_tokenizer(path, probe_ids)
     flags = megatron_args_from_hf_config(
         hf_config, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
     scorer_args = _scorer_args(args, parse_model_args(flags))
@@ -111,7 +147,7 @@ def _build(scorer_args, padded_vocab: int):
                               vocab_size=padded_vocab)
 
 
-def load_frozen_scorer(args, *, vocab_size: int, device=None, load_group=None):
+def load_frozen_scorer(args, *, vocab_size: int, device=None, load_group=None, probe_ids=None):
     """Build the frozen scorer for this rank (eval mode, no gradients) on ``device``.
 
     Args:
@@ -120,12 +156,14 @@ def load_frozen_scorer(args, *, vocab_size: int, device=None, load_group=None):
             trainee to the GPU; the scorer is outside its model list.
         load_group: the ranks that load a Megatron checkpoint together (the scorer's pipeline
             stage: runtime.groups.pipeline_stage_group); None for the world group.
+        probe_ids: the trainee tokenizer's ids of ``TOKENIZER_PROBE`` (checked against an HF
+            scorer's own tokenizer; None skips the check).
     """
     path = args.tw_scorer_load
     if not os.path.exists(path):
         raise ScorerError(f"--tw-scorer-load {path}: no such file or folder")
     if _is_hf_folder(path):
-        model = _from_hf(args, path, vocab_size)
+        model = _from_hf(args, path, vocab_size, probe_ids=probe_ids)
     else:
         model = _from_megatron(args, path, vocab_size, load_group)
     if device is None:

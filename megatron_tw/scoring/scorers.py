@@ -45,6 +45,8 @@ class Scorer:
         bos_id: the tokenizer's BOS id (None when it has none); the windows mode substitutes it
             at each window start of rows that begin with it.
         vocab_size: the tokenizer's vocabulary (unpadded); a frozen scorer must match it.
+        probe_ids: the tokenizer's ids of a fixed probe text (``frozen.TOKENIZER_PROBE``); a
+            frozen scorer shipping its own tokenizer must split it alike.
     """
 
     skip_below = 0
@@ -54,13 +56,14 @@ class Scorer:
         """Whether every CP rank keeps the whole [b, s] token/label rows (integers) to score."""
         return args.tw_short_mode == "windows"
 
-    def __init__(self, args, *, bos_id: Optional[int], vocab_size: int):
+    def __init__(self, args, *, bos_id: Optional[int], vocab_size: int, probe_ids=None):
         self.args = args
         self.mode = args.tw_short_mode
         self.window = args.tw_short_context
         self.stride = args.tw_short_stride
         self.bos_id = bos_id
         self.vocab_size = vocab_size
+        self.probe_ids = probe_ids  # the trainee tokenizer's ids of frozen.TOKENIZER_PROBE
         self.model = None
         self.ready = False  # setup() ran (the model may live on another pipeline stage)
         self._iteration = None
@@ -147,7 +150,7 @@ class FrozenScorer(Scorer):
             if pp_rank != args.tw_scorer_stage:
                 return  # the scorer lives on another stage of this pipeline
         self.model = load_frozen_scorer(args, vocab_size=self.vocab_size, device=device,
-                                        load_group=group)
+                                        load_group=group, probe_ids=self.probe_ids)
 
 
 @register_scorer("precomputed")
@@ -173,10 +176,22 @@ def special_token(tokenizer, name: str) -> Optional[int]:
     return None if value is None or value < 0 else int(value)
 
 
-def build_scorer(args, *, bos_id: Optional[int], vocab_size: int) -> Optional[Scorer]:
+def probe_ids(tokenizer) -> Optional[list]:
+    """The tokenizer's ids of the fixed probe text (None when it cannot tokenize text)."""
+    from megatron_tw.scoring.frozen import TOKENIZER_PROBE
+
+    try:
+        return list(tokenizer.tokenize(TOKENIZER_PROBE))
+    except (AttributeError, NotImplementedError, TypeError):  # e.g. NullTokenizer
+        return None
+
+
+def build_scorer(args, *, bos_id: Optional[int], vocab_size: int,
+                 probe_ids=None) -> Optional[Scorer]:
     """The run's scorer (``--tw-scorer``), or None when the weighting needs no short losses."""
     from megatron_tw.weighting import needs_short_losses
 
     if not needs_short_losses(args):
         return None
-    return SCORERS[args.tw_scorer](args, bos_id=bos_id, vocab_size=vocab_size)
+    return SCORERS[args.tw_scorer](args, bos_id=bos_id, vocab_size=vocab_size,
+                                   probe_ids=probe_ids)

@@ -217,3 +217,17 @@ def test_lead_token_for_tokenizers_without_bos():
         lead_token(argparse.Namespace(tw_lead_token_id=100), NoBos())
     with_bos = types.SimpleNamespace(bos=1, vocab_size=100)
     assert lead_token(argparse.Namespace(tw_lead_token_id=None), with_bos) == 1
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path):
+    """Data tokenized with a larger tokenizer: one line naming the .bin, the id and the fix."""
+    from megatron_tw.data.checks import check_token_ids, data_prefixes, max_token_id
+    from tests.launch import write_random_corpus
+
+    ok = write_random_corpus(tmp_path / "ok", n_docs=20, vocab=128)
+    big = write_random_corpus(tmp_path / "big", n_docs=20, vocab=300)
+    assert max_token_id(ok) == 127 and max_token_id(big) == 299
+    check_token_ids([ok], 128)
+    with pytest.raises(ValueError, match=r"big\.bin holds token id 299, but the tokenizer has "
+                                         r"128 tokens.*preprocess_data\.py"):
+        check_token_ids(data_prefixes(([ok, big], None), None), 128)
