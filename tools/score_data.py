@@ -137,7 +137,9 @@ def scorer_record(args) -> dict:
     from megatron_tw.data.short_loss import path_identity
 
     path = os.path.abspath(args.tw_scorer_load)
-    if os.path.isfile(os.path.join(path, "config.json")):
+    from megatron_tw.scoring.frozen import is_hf_folder
+
+    if is_hf_folder(path):
         kind, files = "hf", path_identity(path)
     else:
         from megatron_tw.checkpoint.megatron_io import checkpoint_data_dir

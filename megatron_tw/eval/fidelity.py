@@ -402,9 +402,11 @@ def project_scorer_flags(cfg: FidelityConfig, scorer_path: str, hf_dir: str, voc
 
 def project_losses(cfg: FidelityConfig, rows: torch.Tensor, scorer_path: str, hf_dir: str,
                    vocab: int, lead: int, padded_vocab: Optional[int] = None,
-                   log: Callable[[str], None] = print) -> dict[str, torch.Tensor]:
+                   log: Callable[[str], None] = print,
+                   probe_ids: Optional[list] = None) -> dict[str, torch.Tensor]:
     """{mode: [n, T - 1]} short-context losses of the project's frozen scorer
-    (``SCORERS["frozen"]``, set up as tools/score_data.py does) in both modes."""
+    (``SCORERS["frozen"]``, set up as tools/score_data.py does) in both modes. ``probe_ids``:
+    the tokenizer's ids of ``frozen.TOKENIZER_PROBE``, checked against an HF scorer's own."""
     from megatron_tw.arguments import parse_and_validate_args
     from megatron_tw.scoring.scorers import SCORERS
 
@@ -416,7 +418,7 @@ def project_losses(cfg: FidelityConfig, rows: torch.Tensor, scorer_path: str, hf
                     project_scorer_flags(cfg, scorer_path, hf_dir, vocab, mode), set_globals=False)
             if padded_vocab is not None:
                 args.padded_vocab_size = padded_vocab  # the trainee's: the scorer's own here
-            scorer = SCORERS["frozen"](args, bos_id=lead, vocab_size=vocab)
+            scorer = SCORERS["frozen"](args, bos_id=lead, vocab_size=vocab, probe_ids=probe_ids)
             scorer.setup(None)
             device = next(scorer.model.parameters()).device
             losses = []
@@ -523,6 +525,20 @@ def measure(cfg: FidelityConfig, log: Callable[[str], None] = print,
             raise FidelityError(f"--tokenizer: {tokenizer.vocab_size} tokens, but the model embeds "
                                 f"only {vocab}; pass the tokenizer the model was trained with")
         lead = _resolve_lead(cfg, tokenizer, vocab)
+        probe = None
+        if cfg.project_scorer:  # before the HF passes: the scorer must share the tokenizer
+            from megatron_tw.errors import ConfigError
+            from megatron_tw.scoring.frozen import TOKENIZER_PROBE, check_scorer_tokenizer
+
+            probe = tokenizer.encode(TOKENIZER_PROBE)
+            try:
+                if mtype == "hf":
+                    check_scorer_tokenizer(cfg.model, probe)
+            except ConfigError:
+                raise FidelityError(f"--tokenizer {cfg.tokenizer}: splits text differently from "
+                                    f"the tokenizer in --model {cfg.model}, which the project "
+                                    "scorer checks; pass the model's tokenizer (or leave "
+                                    "--tokenizer out)") from None
         rows = make_sequences(read_documents(cfg.text), tokenizer, cfg, lead)
         positions = sample_positions(cfg)
         model = load_hf_model(hf_dir)
@@ -555,7 +571,8 @@ def measure(cfg: FidelityConfig, log: Callable[[str], None] = print,
                 from megatron_tw.checkpoint.megatron_io import checkpoint_data_dir
 
                 scorer_path = checkpoint_data_dir(cfg.model)
-            project = project_losses(cfg, rows, scorer_path, hf_dir, vocab, lead, padded, log)
+            project = project_losses(cfg, rows, scorer_path, hf_dir, vocab, lead, padded, log,
+                                     probe_ids=probe)
 
     idx = [(i, p) for i in range(len(rows)) for p in positions[i]]
 

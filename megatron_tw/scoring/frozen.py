@@ -43,8 +43,16 @@ class ScorerError(ConfigError):
     """The scorer cannot serve this run; the message names the flag and the fix."""
 
 
-def _is_hf_folder(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json"))
+def is_hf_folder(path: str) -> bool:
+    """An HF model folder: config.json and weights, and no megatron checkpoint tracker (the
+    output of convert_checkpoint.py hf-to-megatron also holds a config.json, its template)."""
+    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+        return False
+    names = os.listdir(path)
+    if "latest_checkpointed_iteration.txt" in names or "metadata.json" in names:
+        return False
+    return any(n.endswith(".safetensors") or (n.startswith("pytorch_model") and n.endswith(".bin"))
+               for n in names)
 
 
 def _scorer_args(args, arch):
@@ -162,7 +170,7 @@ def load_frozen_scorer(args, *, vocab_size: int, device=None, load_group=None, p
     path = args.tw_scorer_load
     if not os.path.exists(path):
         raise ScorerError(f"--tw-scorer-load {path}: no such file or folder")
-    if _is_hf_folder(path):
+    if is_hf_folder(path):
         model = _from_hf(args, path, vocab_size, probe_ids=probe_ids)
     else:
         model = _from_megatron(args, path, vocab_size, load_group)

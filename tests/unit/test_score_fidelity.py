@@ -7,7 +7,8 @@
 - the project's frozen scorer (megatron, --tw-scorer frozen) gives the HF sliding+sink losses in
   the sliding mode and the HF windows losses (BOS substituted) in the windows mode, within 1e-4,
   from an HF folder and from a converted megatron checkpoint;
-- the table and JSON come out; bad flags give one-line errors naming the flag.
+- the table and JSON come out; bad flags (and, with the project scorer, a --tokenizer other than
+  the model's) give one-line errors naming the flag.
 """
 
 import json
@@ -23,12 +24,13 @@ T, W, S = 65, 17, 8   # sequences of 65 tokens; windows of 17 every 8 tile them 
 BOS = 1
 
 
-def char_tokenizer(path, bos: str | None = "<s>") -> int:
-    """A character-level HF tokenizer (ids < 128, the tiny model's vocabulary) saved to ``path``."""
+def char_tokenizer(path, bos: str | None = "<s>", reverse: bool = False) -> int:
+    """A character-level HF tokenizer (ids < 128, the tiny model's vocabulary) saved to ``path``
+    (``reverse``: the same characters, numbered the other way round)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    chars = sorted(set(string.ascii_letters + string.digits + " .,;:'!?-\n"))
+    chars = sorted(set(string.ascii_letters + string.digits + " .,;:'!?-\n"), reverse=reverse)
     specials = ["<unk>"] + ([bos] if bos else ["<pad>"])
     vocab = {tok: i for i, tok in enumerate(specials + chars)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -266,3 +268,16 @@ def test_tokenizer_without_bos_needs_lead_token(tiny, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--lead-token" in err, err
     assert main([*argv, "--lead-token", "1"]) == 0
+
+
+def test_project_scorer_needs_the_models_tokenizer(tiny, tmp_path, capsys):
+    from tools.score_fidelity import main
+
+    other = tmp_path / "other"
+    char_tokenizer(other, reverse=True)  # same size, other ids
+    argv = ["--model", tiny["model"], "--text", tiny["text"], "--window", str(W), "--seq-length",
+            str(T), "--stride", str(S), "--sequences", "1", "--positions", "4", "--quiet",
+            "--project-scorer", "--tokenizer", str(other)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("score_fidelity.py: error: --tokenizer")

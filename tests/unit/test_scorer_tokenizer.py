@@ -44,3 +44,19 @@ def test_same_size_other_tokenizer_is_refused(tmp_path):
                                           r"a probe sentence differently"):
         check_scorer_tokenizer(different, probe)
     check_scorer_tokenizer(different, None)  # no probe (e.g. NullTokenizer): not checked
+
+
+def test_a_converted_checkpoint_is_not_taken_for_an_hf_folder(tmp_path):
+    """hf-to-megatron leaves its template config.json in the checkpoint folder; the frozen scorer
+    must still load it as a megatron checkpoint."""
+    from megatron_tw.scoring.frozen import is_hf_folder
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (hf / "model.safetensors").write_bytes(b"")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("release")
+    assert is_hf_folder(str(hf)) and not is_hf_folder(str(ckpt))
