@@ -1,8 +1,8 @@
 """Start-up checks of the training data itself (run where the datasets are built, before step 1).
 
-Token ids at or above the tokenizer's vocabulary would otherwise surface as an IndexError deep in
-the embedding at some step (or, below the padded vocabulary, as silent training on rows no token
-maps to). A memory-mapped maximum over each ``.bin`` costs one sequential read of the file.
+Token ids at or above the model's (padded) vocabulary would otherwise surface as an IndexError
+deep in the embedding at some step. (The padded size is the limit, not the tokenizer's: some
+tokenizers, as megatron's NullTokenizer, give the EOD an id equal to their reported size.) A memory-mapped maximum over each ``.bin`` costs one sequential read of the file.
 """
 
 from __future__ import annotations
@@ -38,14 +38,15 @@ def data_prefixes(blend, blend_per_split) -> list[str]:
 
 
 def check_token_ids(prefixes: list[str], vocab_size: int) -> None:
-    """Raise ValueError naming the file when a token id is outside [0, vocab_size)."""
+    """Raise ValueError naming the file when a token id is outside [0, vocab_size), the rows of
+    the model's (padded) embedding."""
     for prefix in prefixes:
         if not os.path.isfile(f"{prefix}.bin"):
             continue  # megatron reports missing files itself
         top = max_token_id(prefix)
         if top >= vocab_size:
-            raise ValueError(f"{prefix}.bin holds token id {top}, but the tokenizer has "
-                             f"{vocab_size} tokens (ids 0..{vocab_size - 1}): the data was "
-                             "tokenized with another tokenizer; rerun tools/preprocess_data.py "
-                             "with this run's --tokenizer-* flags, or train with the tokenizer "
-                             "the data was made with")
+            raise ValueError(f"{prefix}.bin holds token id {top}, but the model's vocabulary "
+                             f"has {vocab_size} entries (ids 0..{vocab_size - 1}, the tokenizer's "
+                             "padded): the data was tokenized with another tokenizer; rerun "
+                             "tools/preprocess_data.py with this run's --tokenizer-* flags, or "
+                             "train with the tokenizer the data was made with")

@@ -122,7 +122,7 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage: Opt
     if not getattr(args, "mock_data", False) and is_dataset_built_on_rank(vp_stage):
         try:
             check_token_ids(data_prefixes(*get_blend_and_blend_per_split(args)),
-                            get_tokenizer().vocab_size)
+                            args.padded_vocab_size)
         except ValueError as err:  # the file, the cause and the fix: no traceback to bury it
             raise SystemExit(f"pretrain_tw.py: error: {err}") from None
     print_rank_0(f"> building train, validation, and test datasets ({kind}) ...")

@@ -228,6 +228,6 @@ def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path):
     big = write_random_corpus(tmp_path / "big", n_docs=20, vocab=300)
     assert max_token_id(ok) == 127 and max_token_id(big) == 299
     check_token_ids([ok], 128)
-    with pytest.raises(ValueError, match=r"big\.bin holds token id 299, but the tokenizer has "
-                                         r"128 tokens.*preprocess_data\.py"):
+    with pytest.raises(ValueError, match=r"big\.bin holds token id 299, but the model's "
+                                         r"vocabulary has 128 entries.*preprocess_data\.py"):
         check_token_ids(data_prefixes(([ok, big], None), None), 128)
