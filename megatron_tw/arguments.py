@@ -36,6 +36,7 @@ from megatron_tw.scoring.arguments import (
     validate_scoring_args,
 )
 from megatron_tw.weighting import add_weighting_args, weighting_config_from_args
+from megatron_tw.weighting.arguments import validate_dump_args
 
 __all__ = ["ConfigError", "parse_and_validate_args", "add_tw_args", "FLAG_GROUPS", "STEPS"]
 
@@ -187,6 +188,7 @@ STEPS: list[tuple[str, Callable[[argparse.Namespace], Optional[dict]]]] = [
     (CHECK, check_schedule),
     (RESOLVE, resolve_wandb_args),
     (RESOLVE, _weighting),
+    (CHECK, validate_dump_args),
     (RESOLVE, resolve_scoring_args),
     (CHECK, validate_scoring_args),
     (CHECK, validate_data_args),

@@ -27,6 +27,7 @@ from megatron_tw.loss import token_weighted_loss
 from megatron_tw.reliability import check_finite
 from megatron_tw.scoring import pipeline
 from megatron_tw.scoring.scorers import Scorer
+from megatron_tw.weight_dump import dump_due, dump_weights
 from megatron_tw.weighting import compute_token_weights, weight_statistics
 
 
@@ -88,6 +89,12 @@ def build_weight_fn(args, batch, scorer: Optional[Scorer]):
             config=config, seed=args.seed, iteration=iteration, cp_group=cp_group)
         stats = weight_statistics(weights, long_loss, short_loss, mask, batch["position_ids"],
                                   short_context=args.tw_short_context or 0, cp_group=cp_group)
+        if dump_due(args, iteration) and parallel_state.get_tensor_model_parallel_rank() == 0:
+            ranks = {"dp": parallel_state.get_data_parallel_rank(),
+                     "cp": parallel_state.get_context_parallel_rank()}
+            dump_weights(args.tw_dump_weights, iteration, ranks, sample_id=batch["sample_id"],
+                         position_ids=batch["position_ids"], weights=weights,
+                         long_loss=long_loss, loss_mask=mask, short_loss=short_loss)
         return weights, stats
 
     return weight_fn

@@ -52,6 +52,14 @@ def add_weighting_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     group.add_argument("--tw-interpolation", type=_float_or_none, default=None,
                        help="lambda in [0, 1]: w = lambda + (1 - lambda) w; needs a "
                             "normalization. lambda = 1 is uniform.")
+    group.add_argument("--tw-dump-weights", type=str, default=None, metavar="DIR",
+                       help="Write the token weights (with sample ids, positions and the long/"
+                            "short losses) of every micro-batch to DIR/iter_<n>/ at the first "
+                            "iteration and every --tw-dump-weights-interval iterations "
+                            "(megatron_tw/weight_dump.py). Not for the uniform preset, which "
+                            "computes no weights.")
+    group.add_argument("--tw-dump-weights-interval", type=int, default=100,
+                       help="Iterations between weight dumps (default 100).")
     return parser
 
 
@@ -68,6 +76,17 @@ def weighting_config_from_args(args: argparse.Namespace) -> WeightingConfig:
         temperature=getattr(args, "tw_temperature", None),
         interpolation=getattr(args, "tw_interpolation", None),
     )
+
+
+def validate_dump_args(args: argparse.Namespace) -> None:
+    """--tw-dump-weights needs weights to dump and a positive interval."""
+    if getattr(args, "tw_dump_weights_interval", 1) < 1:
+        raise ValueError(f"--tw-dump-weights-interval must be >= 1, got "
+                         f"{args.tw_dump_weights_interval}")
+    config = getattr(args, "tw_weighting", None)
+    if getattr(args, "tw_dump_weights", None) and (config is None or config.is_uniform):
+        raise ValueError("--tw-dump-weights: the uniform preset computes no token weights; "
+                             "drop the flag or choose a weighting (--tw-preset)")
 
 
 def needs_short_losses(args) -> bool:

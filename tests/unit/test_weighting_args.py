@@ -140,3 +140,21 @@ def test_config_is_frozen_and_canonical():
     assert not WeightingConfig(truncation=2.0).is_uniform
     assert not WeightingConfig(transforms=("absolute",), normalization="l1",
                                interpolation=0.99).is_uniform
+
+
+def test_dump_weights_flags_are_checked():
+    import argparse
+
+    from megatron_tw.weighting.arguments import validate_dump_args
+    from megatron_tw.weighting.presets import build_weighting_config
+
+    uniform = argparse.Namespace(tw_dump_weights="/tmp/w", tw_dump_weights_interval=10,
+                                 tw_weighting=build_weighting_config("uniform"))
+    with pytest.raises(ValueError, match="--tw-dump-weights: the uniform preset"):
+        validate_dump_args(uniform)
+    bad = argparse.Namespace(tw_dump_weights="/tmp/w", tw_dump_weights_interval=0,
+                             tw_weighting=build_weighting_config("dense"))
+    with pytest.raises(ValueError, match="--tw-dump-weights-interval must be >= 1"):
+        validate_dump_args(bad)
+    validate_dump_args(argparse.Namespace(tw_dump_weights="/tmp/w", tw_dump_weights_interval=5,
+                                          tw_weighting=build_weighting_config("dense")))

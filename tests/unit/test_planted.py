@@ -1,0 +1,221 @@
+"""Planted key-value records (megatron_tw/data/planted.py) and their held-out metrics
+(megatron_tw/eval/planted.py), against hand-checked layouts and an exact copying model."""
+
+from __future__ import annotations
+
+import numpy
+import pytest
+import torch
+
+from megatron_tw.data.planted import (
+    PlantLayout,
+    PlantTable,
+    choose_alphabet,
+    natural_chunks,
+    plant_documents,
+)
+from megatron_tw.eval.planted import label_scores, record_metrics
+
+pytestmark = pytest.mark.unit
+
+MARKER = 50
+ALPHABET = list(range(100, 140))
+
+
+def _natural(n_docs: int, length: int, seed: int = 0):
+    text = numpy.random.default_rng(seed).integers(3, 40, size=n_docs * length)
+    return natural_chunks(text, [(0, len(text))], length)
+
+
+def _build(layout: PlantLayout, n: int = 40, seed: int = 7):
+    return plant_documents(_natural(n, layout.length), n, layout, marker=MARKER,
+                           alphabet=ALPHABET, seed=seed)
+
+
+def test_records_recur_verbatim_at_their_distance():
+    layout = PlantLayout(length=128, records=3, value_length=5, min_distance=20, max_distance=90)
+    docs, table = _build(layout)
+    assert len(table.doc) == 3 * 40
+    span = layout.record_length
+    for doc, key, first, recur, values in zip(table.doc, table.key, table.first, table.recur,
+                                              table.values):
+        record = [MARKER, key, *values]
+        assert docs[doc, first:first + span].tolist() == record
+        assert docs[doc, recur:recur + span].tolist() == record
+        assert 20 <= recur - first <= 90
+    for doc in range(40):  # keys of one document are distinct, so each recurrence has one source
+        keys = table.key[table.doc == doc]
+        assert len(set(keys.tolist())) == len(keys)
+    # the marker appears exactly at the records' two occurrences
+    assert (docs == MARKER).sum() == 2 * len(table.doc)
+
+
+def test_same_seed_same_documents_other_seed_fresh_values():
+    layout = PlantLayout(length=128, records=2, value_length=6, min_distance=10, max_distance=60)
+    a_docs, a = _build(layout, seed=3)
+    b_docs, b = _build(layout, seed=3)
+    _, c = _build(layout, seed=4)
+    numpy.testing.assert_array_equal(a_docs, b_docs)
+    numpy.testing.assert_array_equal(a.values, b.values)
+    assert (a.values != c.values).mean() > 0.9
+
+
+def test_planted_share_leaves_natural_documents():
+    layout = PlantLayout(length=64, records=1, value_length=4, min_distance=8, max_distance=40,
+                         planted_share=0.5)
+    docs, table = _build(layout, n=200)
+    planted = set(table.doc.tolist())
+    assert 60 < len(planted) < 140
+    natural = numpy.stack(list(_natural(200, 64)))
+    for doc in set(range(200)) - planted:
+        numpy.testing.assert_array_equal(docs[doc], natural[doc])
+
+
+def test_masks_partition_the_positions():
+    layout = PlantLayout(length=96, records=2, value_length=4, min_distance=12, max_distance=70)
+    docs, table = _build(layout, n=10)
+    masks = table.masks(10, 96)
+    total = masks["dependent"].astype(int) + masks["record"] + masks["natural"]
+    assert (total == 1).all()
+    assert masks["dependent"].sum() == len(table.doc) * 4
+    assert masks["record"].sum() == len(table.doc) * (6 + 2)
+
+
+def test_bad_layouts_are_refused():
+    with pytest.raises(ValueError, match="min_distance"):
+        PlantLayout(length=64, records=1, value_length=8, min_distance=5,
+                    max_distance=20).validate()
+    with pytest.raises(ValueError, match="does not fit"):
+        PlantLayout(length=64, records=1, value_length=8, min_distance=20,
+                    max_distance=60).validate()
+    layout = PlantLayout(length=64, records=1, value_length=4, min_distance=8, max_distance=40)
+    with pytest.raises(ValueError, match="chunks"):
+        plant_documents(_natural(3, 64), 5, layout, marker=MARKER, alphabet=ALPHABET, seed=0)
+    with pytest.raises(ValueError, match="marker"):
+        plant_documents(_natural(3, 64), 3, layout, marker=ALPHABET[0], alphabet=ALPHABET,
+                        seed=0)
+
+
+def test_alphabet_is_lowercase_words_in_score_order():
+    pieces = ["<unk>", "\u2581the", "\u2581Alpha", "\u2581house", "ing", "\u2581garden",
+              "\u2581river", "\u2581a1bc", "\u2581stone"]
+    scores = [0, -1, -2, -3, -4, -5, -6, -7, -8]
+    marker, alphabet = choose_alphabet(pieces, scores, size=2, skip=1)
+    assert [pieces[i] for i in alphabet] == ["\u2581garden", "\u2581river"]
+    assert pieces[marker] == "\u2581stone"
+    with pytest.raises(ValueError, match="whole-word"):
+        choose_alphabet(pieces, scores, size=5, skip=1)
+
+
+class _CopyModel:
+    """An exact reference: predicts a recurrence value by copying the first occurrence (prob
+    0.9), everything else uniformly over V tokens."""
+
+    def __init__(self, docs, table, vocab):
+        self.docs, self.table, self.vocab = docs, table, vocab
+
+    def __call__(self, ids):
+        b, s = ids.shape
+        logits = torch.zeros(b, s, self.vocab + 3)  # padded rows are cut by label_scores
+        logits[..., self.vocab:] = 50.0
+        for row in range(b):
+            doc = [d for d in range(len(self.docs))
+                   if numpy.array_equal(self.docs[d, :-1], ids[row, 1:].numpy())][0]
+            for t_doc, recur, values in zip(self.table.doc, self.table.recur, self.table.values):
+                if t_doc != doc:
+                    continue
+                for j, v in enumerate(values):  # label recur+2+j is predicted at that position
+                    logits[row, recur + 2 + j, v] = numpy.log(0.9 * (self.vocab - 1) / 0.1)
+        return logits
+
+
+def test_metrics_of_an_exact_copier():
+    layout = PlantLayout(length=80, records=2, value_length=5, min_distance=10, max_distance=60)
+    docs, table = _build(layout, n=6)
+    vocab = 160
+    loss, hit = label_scores(_CopyModel(docs, table, vocab), docs, bos_id=1, vocab_size=vocab,
+                             batch_size=4)
+    m = record_metrics(loss, hit, table)
+    assert m["dependent"] == pytest.approx(-numpy.log(0.9), abs=1e-5)
+    assert m["first"] == pytest.approx(numpy.log(vocab), abs=1e-5)
+    assert m["natural"] == pytest.approx(numpy.log(vocab), abs=1e-5)
+    assert m["copy_gap"] == pytest.approx(numpy.log(vocab) + numpy.log(0.9), abs=1e-5)
+    assert m["retrieval"] == 1.0
+    assert m["tokens"]["dependent"] == len(table.doc) * 5
+
+
+def test_retrieval_needs_every_value():
+    layout = PlantLayout(length=80, records=1, value_length=3, min_distance=10, max_distance=60)
+    docs, table = _build(layout, n=4)
+    loss = numpy.zeros(docs.shape)
+    hit = numpy.zeros(docs.shape, dtype=bool)
+    for i, (doc, recur) in enumerate(zip(table.doc, table.recur)):
+        hit[doc, recur + 2:recur + 5] = True
+        if i == 0:
+            hit[doc, recur + 4] = False  # the last value of record 0 is wrong
+    assert record_metrics(loss, hit, table)["retrieval"] == pytest.approx(3 / 4)
+
+
+def test_table_round_trips(tmp_path):
+    layout = PlantLayout(length=64, records=2, value_length=4, min_distance=8, max_distance=40)
+    _, table = _build(layout, n=5)
+    table.save(str(tmp_path / "p.npz"), marker=MARKER)
+    back = PlantTable.load(str(tmp_path / "p.npz"))
+    for name in ("doc", "key", "first", "recur", "values"):
+        numpy.testing.assert_array_equal(getattr(back, name), getattr(table, name))
+
+
+def test_metrics_split_by_distance():
+    layout = PlantLayout(length=120, records=2, value_length=3, min_distance=10, max_distance=100)
+    docs, table = _build(layout, n=30)
+    far = (table.recur - table.first) >= 50
+    assert 0 < far.sum() < len(far)
+    loss = numpy.zeros(docs.shape)
+    hit = numpy.zeros(docs.shape, dtype=bool)
+    for is_far, doc, recur in zip(far, table.doc, table.recur):
+        loss[doc, recur + 2:recur + 5] = 3.0 if is_far else 1.0
+        hit[doc, recur + 2:recur + 5] = not is_far
+    m = record_metrics(loss, hit, table, far_from=50)
+    assert m["dependent_far"] == pytest.approx(3.0)
+    assert m["dependent_near"] == pytest.approx(1.0)
+    assert m["retrieval_far"] == 0.0 and m["retrieval_near"] == 1.0
+    assert m["tokens"]["records_far"] == far.sum()
+    assert m["dependent"] == pytest.approx((3.0 * far.sum() + (~far).sum()) / len(far))
+
+
+def _write_dump(folder, dp, cp, mb, sample_ids, positions, weights):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"dp{dp}_cp{cp}_mb{mb}.npz"
+    numpy.savez(path, sample_id=numpy.asarray(sample_ids), position_ids=positions,
+                weights=weights, long_loss=numpy.zeros_like(weights),
+                loss_mask=numpy.ones_like(weights))
+    return str(path)
+
+
+def test_dumped_weight_stats_reassembles_cp_shards(tmp_path):
+    from megatron_tw.eval.planted import dumped_weight_stats
+
+    layout = PlantLayout(length=64, records=1, value_length=4, min_distance=8, max_distance=50)
+    docs, table = _build(layout, n=4)
+    far = (table.recur - table.first) >= 30
+    # weights: 5 on every recurrence value, 1 elsewhere; doc 0 split over two CP ranks
+    w = numpy.ones((4, 64))
+    for doc, recur in zip(table.doc, table.recur):
+        w[doc, recur + 2:recur + 6] = 5.0
+    pos = numpy.arange(64)
+    files = [_write_dump(tmp_path / "iter_0000000", 0, 0, 0, [0, 1], numpy.stack([pos[:32]] * 2),
+                         w[[0, 1], :32]),
+             _write_dump(tmp_path / "iter_0000000", 0, 1, 0, [0, 1], numpy.stack([pos[32:]] * 2),
+                         w[[0, 1], 32:]),
+             _write_dump(tmp_path / "iter_0000000", 1, 0, 0, [2, 3], numpy.stack([pos] * 2),
+                         w[[2, 3]])]
+    stats = dumped_weight_stats(files, table, 4, 64, far_from=30)
+    assert stats["sequences"] == 4
+    total = w.sum()
+    assert stats["share_far"] == pytest.approx(5.0 * 4 * far.sum() / total)
+    assert stats["share_near"] == pytest.approx(5.0 * 4 * (~far).sum() / total)
+    assert stats["tokens_far"] == pytest.approx(4 * far.sum() / (4 * 64))
+    expected_eff = numpy.mean([row.sum() ** 2 / (64 * (row * row).sum()) for row in w])
+    assert stats["effective"] == pytest.approx(expected_eff)
+    if far.any():
+        assert stats["mean_far"] == pytest.approx(5.0 / (total / w.size))

@@ -1,0 +1,100 @@
+"""Build a document set with planted long-range key-value records (megatron_tw/data/planted.py).
+
+    python tools/build_planted_data.py --source data/demo/train_text_document \
+        --tokenizer-model data/demo/tokenizer/tokenizer.model --out data/planted/extend \
+        --length 1024 --records 3 --value-length 8 --min-distance 320 --max-distance 900 \
+        --num-docs 2000 --seed 1
+
+writes ``OUT.bin/.idx`` (one document of exactly --length tokens each, for
+``--tw-long-document-sampling --seq-length LENGTH``) and ``OUT_plants.npz`` (where every record
+is, its key and values, the marker and the alphabet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_tw.data.planted import (  # noqa: E402
+    PlantLayout,
+    choose_alphabet,
+    natural_chunks,
+    plant_documents,
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--source", required=True, help="natural text: an IndexedDataset prefix")
+    p.add_argument("--tokenizer-model", required=True, help="its SentencePiece model")
+    p.add_argument("--out", required=True, help="output prefix")
+    p.add_argument("--length", type=int, required=True, help="tokens per document")
+    p.add_argument("--records", type=int, default=3, help="records per planted document")
+    p.add_argument("--value-length", type=int, default=8, help="value tokens per record")
+    p.add_argument("--min-distance", type=int, required=True)
+    p.add_argument("--max-distance", type=int, required=True)
+    p.add_argument("--planted-share", type=float, default=1.0,
+                   help="fraction of documents with records")
+    p.add_argument("--num-docs", type=int, required=True)
+    p.add_argument("--skip-docs", type=int, default=0,
+                   help="natural chunks to skip first (another part of the text)")
+    p.add_argument("--alphabet-size", type=int, default=128)
+    p.add_argument("--seed", type=int, required=True)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import sentencepiece
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_tw.data.preprocess.writer import AtomicDatasetWriter, token_dtype
+
+    layout = PlantLayout(length=args.length, records=args.records,
+                         value_length=args.value_length, min_distance=args.min_distance,
+                         max_distance=args.max_distance, planted_share=args.planted_share)
+    try:
+        layout.validate()
+    except ValueError as err:
+        raise SystemExit(f"build_planted_data.py: error: {err}")
+    sp = sentencepiece.SentencePieceProcessor(model_file=args.tokenizer_model)
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    source = IndexedDataset(args.source, mmap=True)
+    tokens = numpy.memmap(args.source + ".bin", dtype=source.index.dtype, mode="r")
+    scores = [sp.get_score(i) for i in range(len(pieces))]
+    marker, alphabet = choose_alphabet(pieces, scores, args.alphabet_size)
+    ends = numpy.cumsum(source.sequence_lengths.astype(numpy.int64))
+    doc_seq = source.document_indices.astype(numpy.int64)
+    starts = numpy.concatenate([[0], ends])
+    bounds = [(int(starts[a]), int(starts[b])) for a, b in zip(doc_seq[:-1], doc_seq[1:])]
+    chunks = natural_chunks(tokens, bounds, args.length)
+    for _ in range(args.skip_docs):
+        next(chunks, None)
+    try:
+        docs, table = plant_documents(chunks, args.num_docs, layout, marker=marker,
+                                      alphabet=alphabet, seed=args.seed)
+    except ValueError as err:
+        raise SystemExit(f"build_planted_data.py: error: {args.source}: {err}")
+    writer = AtomicDatasetWriter(args.out, token_dtype(len(pieces)))
+    try:
+        for doc in docs:
+            writer.add(doc)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    table.save(args.out + "_plants.npz", marker=marker, alphabet=numpy.asarray(alphabet),
+               length=args.length, seed=args.seed)
+    print(f"{args.out}: {len(docs)} documents x {args.length} tokens, {len(table.doc)} records "
+          f"(marker {pieces[marker]!r}, alphabet of {len(alphabet)} words from "
+          f"{pieces[alphabet[0]]!r} to {pieces[alphabet[-1]]!r})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""The long-range study: does token weighting learn planted long-range dependencies better than
+uniform at equal tokens, and what does it cost at short context? (docs/study.md)
+
+    python tools/long_range_study.py                 # the full study (about 75 min on 2 cores)
+    python tools/long_range_study.py --quick         # the same table at lower fidelity (minutes)
+    python tools/long_range_study.py --print-commands   # every launch, nothing run
+
+Steps (each skipped when its output exists, so an interrupted study resumes):
+  1. data: the built-in corpus (data/demo) with planted key-value records
+     (megatron_tw/data/planted.py): pretraining documents of W tokens whose records recur within
+     W; extension documents of 4W tokens whose records recur 14..4W-15 tokens later (most beyond
+     W); held-out documents of both lengths from the held-out novel with fresh values.
+  2. phase 1: pretrain at W until the model copies within W: the held-out loss of a record's
+     recurrence must be far below the loss of its first occurrence (the gap is reported, and
+     the study stops when it is under --min-copy-gap nats).
+  3. frozen scores: the phase-1 model's sliding-window short-context losses of every extension
+     sample, offline (tools/score_data.py), once per seed.
+  4. phase 2: extend to 4W from the phase-1 model with uniform, dense, sparse and LongCE weights,
+     each with the frozen scorer (precomputed) and with the model itself as scorer (self), over
+     three seeds (the seed sets the data order: the same across presets).
+  5. evaluation, in one process: per run and checkpoint the held-out loss on recurrence values
+     beyond W ("far"), within W ("near") and on natural-text tokens, retrieval accuracy at 4W,
+     short-context perplexity on natural text at W; the weights' statistics from the weights
+     the training used (--tw-dump-weights); OUT/results.json, OUT/summary.md, OUT/curve.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import numpy
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+PRESETS = {  # name -> training flags (the paper's settings; docs/method.md)
+    "uniform": ["--tw-preset", "uniform"],
+    "dense": ["--tw-preset", "dense", "--tw-interpolation", "0.75"],
+    "sparse": ["--tw-preset", "sparse", "--tw-sparsity", "0.25"],
+    "longce": ["--tw-preset", "longce", "--tw-truncation", "5"],
+}
+SCORERS = ("frozen", "self")
+
+FULL = dict(
+    short=256, layers=4, hidden=128, ffn=352, heads=4, groups=2,
+    pretrain_iters=600, pretrain_batch=32, pretrain_micro=16, pretrain_lr=2e-3,
+    pretrain_records=5, extend_records=6, value_length=12, alphabet=64,
+    extend_iters=80, extend_batch=8, extend_micro=4, extend_lr=1e-3, curve_points=4,
+    seeds=(1, 2, 3), heldout_docs=48, natural_sequences=64, min_copy_gap=1.0,
+)
+QUICK = dict(FULL, short=128, layers=2, hidden=96, ffn=256, pretrain_iters=250,
+             extend_iters=24, curve_points=2, seeds=(1,), heldout_docs=24, natural_sequences=32,
+             min_copy_gap=0.0)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="a smaller model, W=128, fewer steps and one seed (a few minutes)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default runs/long_range_study[_quick])")
+    p.add_argument("--data", default=os.path.join(REPO, "data", "demo"),
+                   help="the built-in corpus folder (tools/build_demo_data.py)")
+    p.add_argument("--nproc", type=int, default=2, help="processes per training run")
+    p.add_argument("--port", type=int, default=29651, help="first torchrun master port")
+    p.add_argument("--print-commands", action="store_true",
+                   help="print every launch of the study and run nothing")
+    args = p.parse_args(argv)
+    args.cfg = dict(QUICK if args.quick else FULL)
+    if args.out is None:
+        args.out = os.path.join(REPO, "runs", "long_range_study" + ("_quick" if args.quick else ""))
+    return args
+
+
+class Study:
+    def __init__(self, args):
+        self.args, self.cfg, self.out = args, args.cfg, args.out
+        self.port = args.port
+        self.py = sys.executable
+        self.tokenizer = os.path.join(args.data, "tokenizer", "tokenizer.model")
+        self.start = time.time()
+        c = self.cfg
+        self.long = 4 * c["short"]
+        self.record = c["value_length"] + 2
+        self.sets = {  # name -> (source text, length, records, min/max distance, docs, seed)
+            "pretrain": ("train", c["short"], c["pretrain_records"], self.record,
+                         c["short"] - self.record - 1, c["pretrain_iters"] * c["pretrain_batch"],
+                         11),
+            "extend": ("train", self.long, c["extend_records"], self.record,
+                       self.long - self.record - 1, c["extend_iters"] * c["extend_batch"], 12),
+            "heldout_short": ("heldout", c["short"], c["pretrain_records"], self.record,
+                              c["short"] - self.record - 1, c["heldout_docs"], 101),
+            "heldout_long": ("heldout", self.long, c["extend_records"], self.record,
+                             self.long - self.record - 1, c["heldout_docs"], 102),
+        }
+
+    # -- helpers --------------------------------------------------------------------------
+    def path(self, *parts) -> str:
+        return os.path.join(self.out, *parts)
+
+    def stamp(self, text: str) -> None:
+        print(f"[{time.time() - self.start:6.0f} s] {text}", flush=True)
+
+    def run(self, cmd: list[str], log: str) -> None:
+        if self.args.print_commands:
+            print(shlex.join(cmd))
+            return
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        with open(log, "w") as f:
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        if proc.returncode != 0:
+            with open(log) as f:
+                tail = f.readlines()[-25:]
+            sys.stdout.write("".join(tail))
+            raise SystemExit(f"long_range_study.py: {shlex.join(cmd[:4])} ... failed; full log: "
+                             f"{log}")
+
+    def torchrun(self, script: str, flags: list[str]) -> list[str]:
+        self.port += 1
+        return [self.py, "-m", "torch.distributed.run", "--nproc-per-node",
+                str(self.args.nproc), "--master-addr", "127.0.0.1", "--master-port",
+                str(self.port), os.path.join(REPO, script), *flags]
+
+    def model_flags(self) -> list[str]:
+        c = self.cfg
+        return ["--num-layers", str(c["layers"]), "--hidden-size", str(c["hidden"]),
+                "--ffn-hidden-size", str(c["ffn"]), "--num-attention-heads", str(c["heads"]),
+                "--group-query-attention", "--num-query-groups", str(c["groups"]),
+                "--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu",
+                "--disable-bias-linear", "--untie-embeddings-and-output-weights",
+                "--attention-dropout", "0", "--hidden-dropout", "0",
+                "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", self.tokenizer,
+                "--weight-decay", "0.01", "--adam-beta1", "0.9", "--adam-beta2", "0.95",
+                "--clip-grad", "1.0", "--eval-iters", "0", "--eval-interval", "100000",
+                "--ckpt-format", "torch_dist", "--split", "100,0,0",
+                "--tw-long-document-sampling", "--data-cache-path", self.path("data_cache")]
+
+    # -- 1. data --------------------------------------------------------------------------
+    def build_data(self) -> None:
+        os.makedirs(self.path("data"), exist_ok=True)
+        if not os.path.exists(os.path.join(self.args.data, "summary.json")):
+            self.stamp(f"building the built-in corpus in {self.args.data}")
+            self.run([self.py, "tools/build_demo_data.py", "--out", self.args.data],
+                     self.path("build_demo_data.log"))
+        for name, (text, length, records, lo, hi, docs, seed) in self.sets.items():
+            prefix = self.path("data", name)
+            if os.path.exists(prefix + "_plants.npz"):
+                continue
+            self.run([self.py, "tools/build_planted_data.py", "--source",
+                      os.path.join(self.args.data, f"{text}_text_document"), "--tokenizer-model",
+                      self.tokenizer, "--out", prefix, "--length", str(length), "--records",
+                      str(records), "--value-length", str(self.cfg["value_length"]),
+                      "--alphabet-size", str(self.cfg["alphabet"]), "--min-distance", str(lo),
+                      "--max-distance", str(hi), "--num-docs", str(docs), "--seed", str(seed)],
+                     self.path("data", name + ".log"))
+        self.stamp("data ready: " + ", ".join(
+            f"{n} {v[5]} x {v[1]}" for n, v in self.sets.items()))
+
+    # -- 2. phase 1 -----------------------------------------------------------------------
+    def pretrain_flags(self) -> list[str]:
+        c = self.cfg
+        return [*self.model_flags(), "--data-path", self.path("data", "pretrain"),
+                "--seq-length", str(c["short"]), "--max-position-embeddings", str(c["short"]),
+                "--rotary-base", "10000", "--seed", "1234",
+                "--micro-batch-size", str(c["pretrain_micro"]),
+                "--global-batch-size", str(c["pretrain_batch"]),
+                "--train-iters", str(c["pretrain_iters"]), "--lr", str(c["pretrain_lr"]),
+                "--min-lr", str(c["pretrain_lr"] / 10), "--lr-decay-style", "cosine",
+                "--lr-warmup-iters", "20", "--lr-decay-iters", str(c["pretrain_iters"]),
+                "--log-interval", "20", "--save", self.path("base"),
+                "--save-interval", str(c["pretrain_iters"])]
+
+    def pretrain(self) -> None:
+        if self.done("base"):
+            return
+        self.stamp(f"phase 1: pretraining at {self.cfg['short']} tokens")
+        self.run(self.torchrun("pretrain_tw.py", self.pretrain_flags()), self.path("base.log"))
+
+    def done(self, folder: str) -> bool:
+        return (not self.args.print_commands
+                and os.path.exists(self.path(folder, "latest_checkpointed_iteration.txt")))
+
+    # -- 3./4. phase 2 --------------------------------------------------------------------
+    def runs(self) -> list[tuple[str, str, str, int]]:
+        """(run name, preset, scorer, seed), uniform once per seed (it has no scorer)."""
+        out = []
+        for seed in self.cfg["seeds"]:
+            out.append((f"uniform_s{seed}", "uniform", "", seed))
+            for preset in ("dense", "sparse", "longce"):
+                for scorer in SCORERS:
+                    out.append((f"{preset}-{scorer}_s{seed}", preset, scorer, seed))
+        return out
+
+    def extend_flags(self, preset: str, seed: int) -> list[str]:
+        c = self.cfg
+        iters = c["extend_iters"]
+        return [*self.model_flags(), "--data-path", self.path("data", "extend"),
+                "--seq-length", str(self.long), "--max-position-embeddings", str(self.long),
+                "--rotary-base", "40000", "--seed", str(seed),
+                "--micro-batch-size", str(c["extend_micro"]),
+                "--global-batch-size", str(c["extend_batch"]), "--train-iters", str(iters),
+                "--lr", str(c["extend_lr"]), "--min-lr", str(c["extend_lr"]),
+                "--lr-decay-style", "constant", "--lr-warmup-iters", "5",
+                "--pretrained-checkpoint", self.path("base"), "--log-interval", "5",
+                *PRESETS[preset]]
+
+    def short_loss_path(self, seed: int) -> str:
+        return self.path("scores", f"seed{seed}")
+
+    def score(self, seed: int) -> None:
+        if os.path.exists(self.short_loss_path(seed) + "_train.json"):
+            return
+        os.makedirs(self.path("scores"), exist_ok=True)
+        self.stamp(f"frozen scores (phase-1 model, sliding W={self.cfg['short']}), seed {seed}")
+        flags = [*self.extend_flags("dense", seed), "--tw-scorer-load", self.path("base"),
+                 "--tw-short-context", str(self.cfg["short"]), "--tw-short-mode", "sliding",
+                 "--tw-short-loss-path", self.short_loss_path(seed), "--no-progress"]
+        self.run(self.torchrun("tools/score_data.py", flags), self.short_loss_path(seed) + ".log")
+
+    def extend(self, name: str, preset: str, scorer: str, seed: int) -> None:
+        if self.done(name):
+            return
+        iters = self.cfg["extend_iters"]
+        every = max(1, iters // self.cfg["curve_points"])
+        flags = [*self.extend_flags(preset, seed), "--save", self.path(name),
+                 "--save-interval", str(every), "--no-save-optim"]
+        if scorer == "self":
+            flags += ["--tw-scorer", "self", "--tw-short-context", str(self.cfg["short"]),
+                      "--tw-short-mode", "sliding"]
+        elif scorer == "frozen":
+            flags += ["--tw-scorer", "precomputed", "--tw-short-loss-path",
+                      self.short_loss_path(seed)]
+        if preset != "uniform":  # the weights of the first and the last step
+            flags += ["--tw-dump-weights", self.path(name, "weights"),
+                      "--tw-dump-weights-interval", str(iters - 1)]
+        self.stamp(f"phase 2: {name}")
+        self.run(self.torchrun("pretrain_tw.py", flags), self.path(name + ".log"))
+
+    # -- 5. evaluation --------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        from megatron_tw.eval.study import evaluate_study
+
+        return evaluate_study(self)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    study = Study(args)
+    study.build_data()
+    study.pretrain()
+    if not args.print_commands:
+        from megatron_tw.eval.study import check_copying
+
+        check_copying(study)
+    for seed in study.cfg["seeds"]:
+        study.score(seed)
+    for run in study.runs():
+        study.extend(*run)
+    if args.print_commands:
+        return 0
+    study.evaluate()
+    study.stamp(f"done: {study.path('summary.md')}")
+    with open(study.path("summary.md")) as f:
+        print(f.read())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
