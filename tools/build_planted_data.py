@@ -23,6 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_tw.data.planted import (  # noqa: E402
     PlantLayout,
     choose_alphabet,
+    drill_layout,
+    mix_documents,
     natural_chunks,
     plant_documents,
 )
@@ -44,6 +46,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-docs", type=int, default=0,
                    help="natural chunks to skip first (another part of the text)")
     p.add_argument("--alphabet-size", type=int, default=128)
+    p.add_argument("--random-filler", action="store_true",
+                   help="fill the documents around the records with random alphabet tokens "
+                        "instead of natural text (a synthetic copying task)")
+    p.add_argument("--drill-share", type=float, default=0.0,
+                   help="this share of the documents are drills instead (one record filling the "
+                        "document, recurring after half of it; data/planted.py drill_layout), "
+                        "shuffled among the others; the plant table then lists the others only")
     p.add_argument("--seed", type=int, required=True)
     return p.parse_args(argv)
 
@@ -73,13 +82,26 @@ def main(argv=None) -> int:
     starts = numpy.concatenate([[0], ends])
     bounds = [(int(starts[a]), int(starts[b])) for a, b in zip(doc_seq[:-1], doc_seq[1:])]
     chunks = natural_chunks(tokens, bounds, args.length)
+    if args.random_filler:
+        filler_rng = numpy.random.default_rng([args.seed, 7])
+        chunks = (filler_rng.choice(numpy.asarray(alphabet), size=args.length)
+                  for _ in range(args.num_docs + args.skip_docs))
     for _ in range(args.skip_docs):
         next(chunks, None)
+    if not 0.0 <= args.drill_share < 1.0:
+        raise SystemExit(f"build_planted_data.py: error: --drill-share must be in [0, 1), got "
+                         f"{args.drill_share}")
+    drills = int(round(args.drill_share * args.num_docs))
     try:
-        docs, table = plant_documents(chunks, args.num_docs, layout, marker=marker,
+        docs, table = plant_documents(chunks, args.num_docs - drills, layout, marker=marker,
                                       alphabet=alphabet, seed=args.seed)
+        if drills:
+            drill_docs, _ = plant_documents(chunks, drills, drill_layout(args.length),
+                                            marker=marker, alphabet=alphabet, seed=args.seed + 1)
     except ValueError as err:
         raise SystemExit(f"build_planted_data.py: error: {args.source}: {err}")
+    if drills:  # the table would need renumbering; a mixed set is for training only
+        docs = mix_documents([docs, drill_docs], seed=args.seed)
     writer = AtomicDatasetWriter(args.out, token_dtype(len(pieces)))
     try:
         for doc in docs:
@@ -88,8 +110,12 @@ def main(argv=None) -> int:
     except BaseException:
         writer.abort()
         raise
-    table.save(args.out + "_plants.npz", marker=marker, alphabet=numpy.asarray(alphabet),
-               length=args.length, seed=args.seed)
+    if not drills:
+        table.save(args.out + "_plants.npz", marker=marker, alphabet=numpy.asarray(alphabet),
+                   length=args.length, seed=args.seed)
+    else:
+        numpy.savez(args.out + "_plants.npz", drills=drills, marker=marker,
+                    alphabet=numpy.asarray(alphabet), length=args.length, seed=args.seed)
     print(f"{args.out}: {len(docs)} documents x {args.length} tokens, {len(table.doc)} records "
           f"(marker {pieces[marker]!r}, alphabet of {len(alphabet)} words from "
           f"{pieces[alphabet[0]]!r} to {pieces[alphabet[-1]]!r})")

@@ -117,22 +117,27 @@ def natural_chunks(tokens: numpy.ndarray, doc_bounds: Sequence[tuple[int, int]],
 
 
 def _place(rng: numpy.random.Generator, layout: PlantLayout,
-           tries: int = 200) -> list[tuple[int, int]]:
-    """(first, recur) marker positions of R records that do not overlap each other (each
-    record is drawn again, up to ``tries`` times, until it fits beside the ones before)."""
+           tries: int = 100) -> list[tuple[int, int]]:
+    """(first, recur) marker positions of R records that do not overlap each other: each record
+    draws a distance, then its first occurrence uniformly among the starts where both of its
+    occurrences fit beside the records before it (another distance when none does)."""
     n, span = layout.length, layout.record_length
     for _ in range(tries):
         taken = numpy.zeros(n, dtype=bool)
         placed = []
         for _ in range(layout.records):
+            busy = numpy.concatenate([[0], numpy.cumsum(taken)])  # busy[b] - busy[a]: taken in [a, b)
             for _ in range(tries):
                 distance = int(rng.integers(layout.min_distance, layout.max_distance + 1))
-                first = int(rng.integers(0, n - span - distance + 1))
-                recur = first + distance
-                if not (taken[first:first + span].any() or taken[recur:recur + span].any()):
+                starts = numpy.arange(0, n - span - distance + 1)
+                free = ((busy[starts + span] - busy[starts] == 0)
+                        & (busy[starts + distance + span] - busy[starts + distance] == 0))
+                if free.any():
+                    first = int(rng.choice(starts[free]))
                     break
             else:
                 break
+            recur = first + distance
             taken[first:first + span] = taken[recur:recur + span] = True
             placed.append((first, recur))
         if len(placed) == layout.records:
@@ -203,3 +208,18 @@ def choose_alphabet(pieces: Sequence[str], scores: Sequence[float], size: int,
                          "are needed for the alphabet")
     chosen = words[skip:skip + size + 1]
     return chosen[-1], chosen[:-1]
+
+
+def drill_layout(length: int) -> PlantLayout:
+    """One long record per document: L = length/4 - 2 values, recurring length/4 to 3 length/4
+    tokens later (a different distance in every document, so only copying by content, not by
+    a fixed offset, predicts it), natural text around it."""
+    quarter = length // 4
+    return PlantLayout(length=length, records=1, value_length=quarter - 2,
+                       min_distance=quarter, max_distance=3 * quarter)
+
+
+def mix_documents(parts: Sequence[numpy.ndarray], seed: int) -> numpy.ndarray:
+    """Document sets of one length [n_i, s] shuffled into one [sum n_i, s] (seeded)."""
+    docs = numpy.concatenate(list(parts))
+    return docs[numpy.random.default_rng(seed).permutation(len(docs))]

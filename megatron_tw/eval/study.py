@@ -20,7 +20,6 @@ import numpy
 from megatron_tw.data.planted import PlantTable, natural_chunks
 from megatron_tw.eval.planted import dumped_weight_stats, label_scores, record_metrics
 
-VOCAB_CUT = None  # the checkpoint's own vocabulary size
 
 
 def load_documents(prefix: str) -> numpy.ndarray:
@@ -69,7 +68,7 @@ def check_copying(study) -> dict:
         vocab, bos = _vocab(study)
         docs = load_documents(study.path("data", "heldout_short"))
         table = PlantTable.load(study.path("data", "heldout_short_plants.npz"))
-        loss, hit = _scores(study.path("base"), None, docs, vocab, bos)
+        loss, hit = _scores(study.path("pretrain"), None, docs, vocab, bos)
         result = record_metrics(loss, hit, table)
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
@@ -81,7 +80,7 @@ def check_copying(study) -> dict:
         raise SystemExit(f"long_range_study.py: the phase-1 model does not copy within W (gap "
                          f"{result['copy_gap']:.2f} < {study.cfg['min_copy_gap']} nats): phase 2 "
                          "would have nothing to extend; train phase 1 longer (remove "
-                         f"{study.path('base')} and raise pretrain_iters)")
+                         f"{study.path('pretrain')} and raise pretrain_iters or drill_iters)")
     return result
 
 
@@ -121,7 +120,7 @@ def evaluate_study(study) -> dict:
         return cache[key]
 
     results = {"config": {k: v for k, v in cfg.items()}, "long": study.long, "runs": {}}
-    base = scored("base", None, True)
+    base = scored("pretrain", None, True)
     results["base"] = base
     for name, preset, scorer, seed in study.runs():
         iters = _iterations(study.path(name))

@@ -219,3 +219,21 @@ def test_dumped_weight_stats_reassembles_cp_shards(tmp_path):
     assert stats["effective"] == pytest.approx(expected_eff)
     if far.any():
         assert stats["mean_far"] == pytest.approx(5.0 / (total / w.size))
+
+
+def test_drill_documents_are_one_long_record_at_varying_distances():
+    from megatron_tw.data.planted import drill_layout, mix_documents
+
+    layout = drill_layout(64)
+    docs, table = plant_documents(_natural(20, 64), 20, layout, marker=MARKER, alphabet=ALPHABET,
+                                  seed=1)
+    assert layout.record_length == 16
+    for doc, first, recur in zip(table.doc, table.first, table.recur):
+        numpy.testing.assert_array_equal(docs[doc, first:first + 16], docs[doc, recur:recur + 16])
+    distance = table.recur - table.first
+    assert distance.min() >= 16 and distance.max() <= 48 and len(set(distance.tolist())) > 3
+    extra = numpy.zeros((3, 64), dtype=numpy.int64)
+    mixed = mix_documents([docs, extra], seed=0)
+    assert mixed.shape == (23, 64)
+    assert sorted(map(tuple, mixed.tolist())) == sorted(
+        map(tuple, numpy.concatenate([docs, extra]).tolist()))

@@ -1,0 +1,60 @@
+"""tools/long_range_study.py: the launches it makes, and (slow, opt-in) every step end to end
+on a tiny budget."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.launch import ROOT, env
+
+pytestmark = pytest.mark.e2e
+
+
+def _study(args, timeout=120):
+    return subprocess.run([sys.executable, "tools/long_range_study.py", *args], cwd=ROOT,
+                          env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout)
+
+
+def test_print_commands_lists_every_launch(tmp_path):
+    proc = _study(["--quick", "--print-commands", "--out", str(tmp_path / "s")])
+    assert proc.returncode == 0, proc.stdout
+    lines = [l for l in proc.stdout.splitlines() if "torch.distributed.run" in l]
+    assert len(lines) == 1 + 1 + 7  # phase 1, one frozen scoring, 7 extensions (one seed)
+    score = [l for l in lines if "score_data.py" in l][0]
+    assert "--tw-scorer-load" in score and "--tw-short-mode sliding" in score
+    runs = [l for l in lines if "pretrain_tw.py" in l][1:]
+    frozen = [l for l in runs if "--tw-scorer precomputed" in l]
+    own = [l for l in runs if "--tw-scorer self" in l]
+    assert len(frozen) == 3 and len(own) == 3
+    for line in frozen + own:
+        assert "--tw-dump-weights" in line and "--pretrained-checkpoint" in line
+    # the same seed, so the same data order, in every extension of a seed
+    assert all("--seed 1 " in l for l in runs)
+
+
+def test_bad_override_is_one_line(tmp_path):
+    proc = _study(["--set", "extend_iterz=3", "--print-commands", "--out", str(tmp_path)])
+    assert proc.returncode == 2
+    assert "--set extend_iterz=3: expected KEY=VALUE" in proc.stdout
+    assert "Traceback" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_quick_study_end_to_end(tmp_path):
+    out = tmp_path / "study"
+    proc = _study(["--quick", "--out", str(out), "--set", "pretrain_iters=20", "--set",
+                   "extend_iters=4", "--set", "curve_points=2", "--set", "heldout_docs=8",
+                   "--set", "natural_sequences=8"], timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["runs"]) == 7
+    assert set(results["table"]) == {"uniform", "dense (frozen)", "dense (self)",
+                                     "sparse (frozen)", "sparse (self)", "longce (frozen)",
+                                     "longce (self)"}
+    sparse = results["runs"]["sparse-self_s1"]["weights"]
+    assert all(stats["zero"] == pytest.approx(0.75, abs=0.01) for stats in sparse.values())
+    assert os.path.exists(out / "curve.png")
