@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_tw.data.planted import (  # noqa: E402
     PlantLayout,
     choose_alphabet,
+    document_bounds,
     drill_layout,
     mix_documents,
     natural_chunks,
@@ -77,10 +78,7 @@ def main(argv=None) -> int:
     tokens = numpy.memmap(args.source + ".bin", dtype=source.index.dtype, mode="r")
     scores = [sp.get_score(i) for i in range(len(pieces))]
     marker, alphabet = choose_alphabet(pieces, scores, args.alphabet_size)
-    ends = numpy.cumsum(source.sequence_lengths.astype(numpy.int64))
-    doc_seq = source.document_indices.astype(numpy.int64)
-    starts = numpy.concatenate([[0], ends])
-    bounds = [(int(starts[a]), int(starts[b])) for a, b in zip(doc_seq[:-1], doc_seq[1:])]
+    bounds = document_bounds(source.sequence_lengths, source.document_indices)
     chunks = natural_chunks(tokens, bounds, args.length)
     if args.random_filler:
         filler_rng = numpy.random.default_rng([args.seed, 7])

@@ -108,6 +108,15 @@ class PlantTable:
         return {"dependent": dependent, "record": record, "natural": ~(dependent | record)}
 
 
+def document_bounds(sequence_lengths: numpy.ndarray,
+                    document_indices: numpy.ndarray) -> list[tuple[int, int]]:
+    """(start, end) token offsets of every document of an IndexedDataset, from its index
+    (``sequence_lengths`` [n sequences], ``document_indices`` [D + 1])."""
+    starts = numpy.concatenate([[0], numpy.cumsum(numpy.asarray(sequence_lengths, numpy.int64))])
+    docs = numpy.asarray(document_indices, dtype=numpy.int64)
+    return [(int(starts[a]), int(starts[b])) for a, b in zip(docs[:-1], docs[1:])]
+
+
 def natural_chunks(tokens: numpy.ndarray, doc_bounds: Sequence[tuple[int, int]],
                    length: int) -> Iterator[numpy.ndarray]:
     """Non-overlapping ``length``-token chunks of each document (in order), never crossing one."""

@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy
 
-from megatron_tw.data.planted import PlantTable, natural_chunks
+from megatron_tw.data.planted import PlantTable, document_bounds, natural_chunks
 from megatron_tw.eval.planted import dumped_weight_stats, label_scores, record_metrics
 
 
@@ -36,10 +36,7 @@ def natural_documents(prefix: str, length: int, count: int) -> numpy.ndarray:
 
     ds = IndexedDataset(prefix, mmap=True)
     tokens = numpy.memmap(prefix + ".bin", dtype=ds.index.dtype, mode="r")
-    ends = numpy.cumsum(ds.sequence_lengths.astype(numpy.int64))
-    starts = numpy.concatenate([[0], ends])
-    bounds = [(int(starts[a]), int(starts[b]))
-              for a, b in zip(ds.document_indices[:-1], ds.document_indices[1:])]
+    bounds = document_bounds(ds.sequence_lengths, ds.document_indices)
     chunks = natural_chunks(tokens, bounds, length)
     return numpy.stack([next(chunks) for _ in range(count)])
 

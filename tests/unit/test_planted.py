@@ -237,3 +237,11 @@ def test_drill_documents_are_one_long_record_at_varying_distances():
     assert mixed.shape == (23, 64)
     assert sorted(map(tuple, mixed.tolist())) == sorted(
         map(tuple, numpy.concatenate([docs, extra]).tolist()))
+
+
+def test_document_bounds_from_an_index():
+    from megatron_tw.data.planted import document_bounds
+
+    # 3 documents: sequences of lengths [2, 3], [4], [1, 1, 1]
+    assert document_bounds(numpy.array([2, 3, 4, 1, 1, 1]), numpy.array([0, 2, 3, 6])) == [
+        (0, 5), (5, 9), (9, 12)]
