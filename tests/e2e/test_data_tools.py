@@ -84,7 +84,9 @@ def test_preprocess_cli_bad_line_exit_code(tokenizer_model, tmp_path):
 def test_interrupted_run_leaves_nothing(tokenizer_model, tmp_path):
     """SIGINT in the middle of a run: no file under the final names, temp files removed."""
     inp = tmp_path / "big.jsonl"
-    inp.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_docs(2000, 400)))
+    # Large enough that the run lasts seconds after its first progress line (2,000 documents
+    # finished before the signal arrived on a loaded machine).
+    inp.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_docs(20000, 400)))
     proc = subprocess.Popen(
         [PYTHON, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(inp),
          "--output-prefix", str(tmp_path / "out"), "--tokenizer-type", "SentencePieceTokenizer",
