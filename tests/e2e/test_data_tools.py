@@ -84,16 +84,17 @@ def test_preprocess_cli_bad_line_exit_code(tokenizer_model, tmp_path):
 def test_interrupted_run_leaves_nothing(tokenizer_model, tmp_path):
     """SIGINT in the middle of a run: no file under the final names, temp files removed."""
     inp = tmp_path / "big.jsonl"
-    # Large enough that the run lasts seconds after its first progress line (2,000 documents
-    # finished before the signal arrived on a loaded machine).
-    inp.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_docs(20000, 400)))
+    inp.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_docs(5000, 400)))
     proc = subprocess.Popen(
         [PYTHON, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(inp),
          "--output-prefix", str(tmp_path / "out"), "--tokenizer-type", "SentencePieceTokenizer",
          "--tokenizer-model", str(tokenizer_model), "--workers", "2", "--no-progress",
          "--log-interval", "100"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        # A shell's background job ignores SIGINT and the child would inherit that: restore the
+        # default, so Python turns SIGINT into KeyboardInterrupt as it does for a user's Ctrl-C.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stderr:  # wait until documents are being written
         if line.startswith("processed"):
             break
