@@ -36,6 +36,7 @@ def dump_weights(folder: str, iteration: int, ranks: dict[str, int], *, sample_i
                  loss_mask: torch.Tensor, short_loss: Optional[torch.Tensor] = None) -> str:
     """Write one micro-batch (shapes in the module docstring); returns the file's path."""
     micro = _counters.get(iteration, 0)
+    _counters.clear()  # only the current iteration's count is ever needed
     _counters[iteration] = micro + 1
     out = os.path.join(folder, f"iter_{iteration:07d}")
     os.makedirs(out, exist_ok=True)

@@ -101,7 +101,10 @@ def evaluate_study(study) -> dict:
     n_extend = study.sets["extend"][5]
     tokens_per_iter = cfg["extend_batch"] * study.long
     cache_path = study.path("eval_cache.json")
-    cache = json.load(open(cache_path)) if os.path.exists(cache_path) else {}
+    cache = {}
+    if os.path.exists(cache_path):
+        with open(cache_path) as f:
+            cache = json.load(f)
 
     def scored(name: str, iteration: Optional[int], final: bool) -> dict:
         key = f"{name}@{iteration}"
