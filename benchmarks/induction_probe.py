@@ -60,7 +60,8 @@ class Block(nn.Module):
 
 
 class TinyLM(nn.Module):
-    def __init__(self, vocab: int, hidden: int, layers: int, heads: int, ffn: int):
+    def __init__(self, vocab: int, hidden: int, layers: int, heads: int, ffn: int,
+                 tie: bool = False, init_std: float = 0.02):
         super().__init__()
         self.embed = nn.Embedding(vocab, hidden)
         self.blocks = nn.ModuleList(Block(hidden, heads, ffn) for _ in range(layers))
@@ -68,7 +69,9 @@ class TinyLM(nn.Module):
         self.out = nn.Linear(hidden, vocab, bias=False)
         for p in self.parameters():
             if p.dim() > 1:
-                nn.init.normal_(p, std=0.02)
+                nn.init.normal_(p, std=init_std)
+        if tie:
+            self.out.weight = self.embed.weight
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [b, s] -> [b, s, vocab]
         x = self.embed(ids)
@@ -90,6 +93,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=700)
     p.add_argument("--bos", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-std", type=float, default=0.02)
+    p.add_argument("--tie", action="store_true", help="tie the output layer to the embedding")
     args = p.parse_args(argv)
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -97,7 +102,7 @@ def main(argv=None) -> int:
     ds = IndexedDataset(args.data, mmap=True)
     docs = torch.from_numpy(numpy.stack([numpy.asarray(ds[i], dtype=numpy.int64)
                                          for i in range(len(ds))]))
-    model = TinyLM(args.vocab, args.hidden, args.layers, args.heads, args.ffn)
+    model = TinyLM(args.vocab, args.hidden, args.layers, args.heads, args.ffn, args.tie, args.init_std)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     start = time.time()
     for step in range(args.steps):

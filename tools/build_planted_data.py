@@ -28,6 +28,7 @@ from megatron_tw.data.planted import (  # noqa: E402
     mix_documents,
     natural_chunks,
     plant_documents,
+    random_chunks,
 )
 
 
@@ -54,6 +55,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="this share of the documents are drills instead (one record filling the "
                         "document, recurring after half of it; data/planted.py drill_layout), "
                         "shuffled among the others; the plant table then lists the others only")
+    p.add_argument("--drill-value-length", type=int, default=None,
+                   help="a drill record's value tokens (default: length/4 - 2)")
+    p.add_argument("--drill-min-distance", type=int, default=None,
+                   help="default: length/4")
+    p.add_argument("--drill-max-distance", type=int, default=None,
+                   help="default: 3 length/4")
+    p.add_argument("--drill-filler", choices=("natural", "random"), default="natural",
+                   help="what fills a drill document around its record: natural text, or random "
+                        "alphabet tokens (the synthetic copying task, which keeps rewarding a copy "
+                        "mechanism while the rest of the documents are natural text)")
     p.add_argument("--seed", type=int, required=True)
     return p.parse_args(argv)
 
@@ -81,20 +92,29 @@ def main(argv=None) -> int:
     bounds = document_bounds(source.sequence_lengths, source.document_indices)
     chunks = natural_chunks(tokens, bounds, args.length)
     if args.random_filler:
-        filler_rng = numpy.random.default_rng([args.seed, 7])
-        chunks = (filler_rng.choice(numpy.asarray(alphabet), size=args.length)
-                  for _ in range(args.num_docs + args.skip_docs))
+        chunks = random_chunks(alphabet, args.length, [args.seed, 7])
     for _ in range(args.skip_docs):
         next(chunks, None)
     if not 0.0 <= args.drill_share < 1.0:
         raise SystemExit(f"build_planted_data.py: error: --drill-share must be in [0, 1), got "
                          f"{args.drill_share}")
     drills = int(round(args.drill_share * args.num_docs))
+    drill = drill_layout(args.length)
+    drill = PlantLayout(length=args.length, records=1,
+                        value_length=args.drill_value_length or drill.value_length,
+                        min_distance=args.drill_min_distance or drill.min_distance,
+                        max_distance=args.drill_max_distance or drill.max_distance)
+    try:
+        drill.validate()
+    except ValueError as err:
+        raise SystemExit(f"build_planted_data.py: error: the drill layout (--drill-*): {err}")
     try:
         docs, table = plant_documents(chunks, args.num_docs - drills, layout, marker=marker,
                                       alphabet=alphabet, seed=args.seed)
         if drills:
-            drill_docs, _ = plant_documents(chunks, drills, drill_layout(args.length),
+            if args.drill_filler == "random":
+                chunks = random_chunks(alphabet, args.length, [args.seed, 8])
+            drill_docs, _ = plant_documents(chunks, drills, drill,
                                             marker=marker, alphabet=alphabet, seed=args.seed + 1)
     except ValueError as err:
         raise SystemExit(f"build_planted_data.py: error: {args.source}: {err}")

@@ -5,20 +5,16 @@ uniform at equal tokens, and what does it cost at short context? (docs/study.md)
     python tools/long_range_study.py --quick         # the same table at lower fidelity
     python tools/long_range_study.py --print-commands   # every launch, nothing run
 
-Status (docs/study.md): at every phase-1 budget tried on 2 CPU cores (up to 1,800 steps x 16 x
-256 tokens), the model has not learned to copy a record by content within W, so the full study
-stops at its copy gate after phase 1. --quick has no gate and runs every step end to end (the
-pipeline check), on a model that does not copy either.
-
 Steps (each skipped when its output exists, so an interrupted study resumes):
   1. data: the built-in corpus (data/demo) with planted key-value records
-     (megatron_tw/data/planted.py): pretraining documents of W tokens whose records recur within
-     W; extension documents of 4W tokens whose records recur 14..4W-15 tokens later (most beyond
-     W); held-out documents of both lengths from the held-out novel with fresh values.
-  2. phase 1: pretrain at W until the model copies within W: the held-out loss of a record's
+     (megatron_tw/data/planted.py): phase-1 documents whose records recur within W, half of
+     them random-word drills (one long record in random alphabet words); extension documents of
+     4W tokens whose records recur 10..4W-11 tokens later (most beyond W); held-out documents of
+     both lengths from the held-out novel with fresh values.
+  2. phase 1: (a) the copying drill at 32 tokens, where an induction head forms; (b) natural
+     text with records at W from (a)'s weights. Then a gate: the held-out loss of a record's
      recurrence must be far below the loss of its first occurrence (the gap is reported, and
-     the study stops when it is under the min_copy_gap setting, in nats); drill_share > 0 mixes
-     drill documents in (data/planted.py drill_layout).
+     the study stops when it is under the min_copy_gap setting, in nats).
   3. frozen scores: the phase-1 model's sliding-window short-context losses of every extension
      sample, offline (tools/score_data.py), once per seed.
   4. phase 2: extend to 4W from the phase-1 model with uniform, dense, sparse and LongCE weights,
@@ -51,17 +47,27 @@ PRESETS = {  # name -> training flags (the paper's settings; docs/method.md)
 }
 SCORERS = ("frozen", "self")
 
+# Why these shapes (docs/study.md): a 2-layer model forms an induction head (copying by
+# content) only when the copy signal is dense and near. On 32-token documents of random words
+# whose second half mostly repeats the first it forms within a few thousand steps; at 256 tokens
+# of natural text it had not formed after 1,800. Half natural documents slow it down a lot, and a
+# model that has seen only drills loses its copying as soon as natural text arrives (its loss
+# there starts at 11.7 nats). So phase 1a is mostly drills (drill_share), 1b is natural text
+# at W with half drills (pretrain_drill_share). W = 64 keeps the 4W = 256 extension runs cheap
+# enough for three seeds. With 512 alphabet words a value rarely repeats by chance within a
+# document; with 128 it often did, which makes a one-token match ambiguous.
 FULL = dict(
-    short=256, layers=2, hidden=128, ffn=352, heads=4, groups=2,
-    pretrain_iters=1800, pretrain_batch=16, pretrain_micro=8, pretrain_lr=2e-3,
-    pretrain_records=4, extend_records=8, value_length=16, alphabet=128, drill_share=0.0,
-    extend_iters=60, extend_batch=8, extend_micro=4, extend_lr=1e-3, curve_points=3,
-    seeds=(1, 2, 3), heldout_docs=48, natural_sequences=64, min_copy_gap=1.0,
+    short=64, layers=2, hidden=128, ffn=352, heads=4, groups=2,
+    drill_length=32, drill_value_length=12, drill_iters=5000, drill_batch=32, drill_micro=16,
+    drill_lr=2e-3,
+    pretrain_iters=1500, pretrain_batch=32, pretrain_micro=16, pretrain_lr=1e-3,
+    pretrain_records=1, extend_records=4, value_length=8, alphabet=512, drill_share=0.85,
+    pretrain_drill_share=0.5,
+    extend_iters=100, extend_batch=16, extend_micro=8, extend_lr=1e-3, curve_points=4,
+    seeds=(1, 2, 3), heldout_docs=128, natural_sequences=256, min_copy_gap=1.0,
 )
-QUICK = dict(FULL, short=128, hidden=96, ffn=256, pretrain_iters=150,
-             pretrain_records=3, extend_records=6, value_length=12, extend_iters=20,
-             curve_points=2, seeds=(1,), heldout_docs=24, natural_sequences=32,
-             min_copy_gap=0.0)
+QUICK = dict(FULL, drill_iters=300, pretrain_iters=60, extend_iters=20, curve_points=2,
+             seeds=(1,), heldout_docs=32, natural_sequences=64, min_copy_gap=0.0)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -107,18 +113,25 @@ class Study:
         c = self.cfg
         self.long = 4 * c["short"]
         self.record = c["value_length"] + 2
+        drill_record, quarter = c["drill_value_length"] + 2, c["drill_length"] // 4
         self.sets = {  # name -> (source text, length, records, min/max distance, docs, seed,
-            #                      value length)
+            #                      value length, drills: (share, values, min/max distance))
+            "drill": ("train", c["drill_length"], 1, quarter, c["drill_length"] - quarter - 1,
+                      c["drill_iters"] * c["drill_batch"], 10, quarter - 2,
+                      (c["drill_share"], c["drill_value_length"], drill_record,
+                       c["drill_length"] - drill_record)),
             "pretrain": ("train", c["short"], c["pretrain_records"], self.record,
                          c["short"] - self.record - 1, c["pretrain_iters"] * c["pretrain_batch"],
-                         11, c["value_length"]),
+                         11, c["value_length"], (c["pretrain_drill_share"], None, None, None)),
             "extend": ("train", self.long, c["extend_records"], self.record,
                        self.long - self.record - 1, c["extend_iters"] * c["extend_batch"], 12,
-                       c["value_length"]),
+                       c["value_length"], None),
             "heldout_short": ("heldout", c["short"], c["pretrain_records"], self.record,
-                              c["short"] - self.record - 1, c["heldout_docs"], 101, c["value_length"]),
+                              c["short"] - self.record - 1, c["heldout_docs"], 101,
+                              c["value_length"], None),
             "heldout_long": ("heldout", self.long, c["extend_records"], self.record,
-                             self.long - self.record - 1, c["heldout_docs"], 102, c["value_length"]),
+                             self.long - self.record - 1, c["heldout_docs"], 102,
+                             c["value_length"], None),
         }
 
     # -- helpers --------------------------------------------------------------------------
@@ -169,42 +182,58 @@ class Study:
             self.stamp(f"building the built-in corpus in {self.args.data}")
             self.run([self.py, "tools/build_demo_data.py", "--out", self.args.data],
                      self.path("build_demo_data.log"))
-        for name, (text, length, records, lo, hi, docs, seed, values) in self.sets.items():
+        for name, (text, length, records, lo, hi, docs, seed, values, drill) in (
+                self.sets.items()):
             prefix = self.path("data", name)
             if os.path.exists(prefix + "_plants.npz"):
                 continue
+            drill_flags = []
+            if drill is not None:  # random-word drills mixed in (data/planted.py drill_layout)
+                drill_flags = ["--drill-share", str(drill[0]), "--drill-filler", "random"]
+                for flag, value in zip(("value-length", "min-distance", "max-distance"),
+                                       drill[1:]):
+                    if value is not None:
+                        drill_flags += [f"--drill-{flag}", str(value)]
             self.run([self.py, "tools/build_planted_data.py", "--source",
                       os.path.join(self.args.data, f"{text}_text_document"), "--tokenizer-model",
                       self.tokenizer, "--out", prefix, "--length", str(length), "--records",
                       str(records), "--value-length", str(values),
                       "--alphabet-size", str(self.cfg["alphabet"]), "--min-distance", str(lo),
                       "--max-distance", str(hi), "--num-docs", str(docs), "--seed", str(seed),
-                      "--drill-share", str(self.cfg["drill_share"] if name == "pretrain" else 0)],
+                      *drill_flags],
                      self.path("data", name + ".log"))
         self.stamp("data ready: " + ", ".join(
             f"{n} {v[5]} x {v[1]}" for n, v in self.sets.items()))
 
     # -- 2. phase 1 -----------------------------------------------------------------------
-    def pretrain_flags(self) -> list[str]:
+    def phase1_flags(self, part: str) -> list[str]:
+        """Phase 1a ("drill": the synthetic copying drill) or 1b ("pretrain": natural text with
+        records at W, from 1a's weights)."""
         c = self.cfg
-        iters = c["pretrain_iters"]
-        return [*self.model_flags(), "--data-path", self.path("data", "pretrain"),
-                "--seq-length", str(c["short"]), "--max-position-embeddings", str(c["short"]),
-                "--rotary-base", "10000", "--seed", "1234",
-                "--micro-batch-size", str(c["pretrain_micro"]),
-                "--global-batch-size", str(c["pretrain_batch"]),
-                "--train-iters", str(iters), "--lr", str(c["pretrain_lr"]),
-                "--min-lr", str(c["pretrain_lr"]), "--lr-decay-style", "constant",
-                "--lr-warmup-iters", str(min(20, iters // 4)),
-                "--log-interval", "20", "--save", self.path("pretrain"),
-                "--save-interval", str(iters), "--no-save-optim"]
+        key = "drill" if part == "drill" else "pretrain"
+        iters, length = c[f"{key}_iters"], self.sets[part][1]
+        flags = [*self.model_flags(), "--data-path", self.path("data", part),
+                 "--seq-length", str(length), "--max-position-embeddings", str(length),
+                 "--rotary-base", "10000", "--seed", "1234",
+                 "--micro-batch-size", str(c[f"{key}_micro"]),
+                 "--global-batch-size", str(c[f"{key}_batch"]),
+                 "--train-iters", str(iters), "--lr", str(c[f"{key}_lr"]),
+                 "--min-lr", str(c[f"{key}_lr"]), "--lr-decay-style", "constant",
+                 "--lr-warmup-iters", str(min(20, iters // 4)),
+                 "--log-interval", "50", "--save", self.path(part),
+                 "--save-interval", str(iters), "--no-save-optim"]
+        if part == "pretrain":
+            flags += ["--pretrained-checkpoint", self.path("drill")]
+        return flags
 
     def pretrain(self) -> None:
-        if self.done("pretrain"):
-            return
-        self.stamp(f"phase 1: pretraining at {self.cfg['short']} tokens")
-        self.run(self.torchrun("pretrain_tw.py", self.pretrain_flags()),
-                 self.path("pretrain.log"))
+        for part, what in (("drill", f"the copying drill at {self.cfg['drill_length']} tokens"),
+                           ("pretrain", f"natural text with records at {self.cfg['short']} tokens")):
+            if self.done(part):
+                continue
+            self.stamp(f"phase 1{'a' if part == 'drill' else 'b'}: {what}")
+            self.run(self.torchrun("pretrain_tw.py", self.phase1_flags(part)),
+                     self.path(part + ".log"))
 
     def done(self, folder: str) -> bool:
         return (not self.args.print_commands

@@ -219,6 +219,15 @@ def choose_alphabet(pieces: Sequence[str], scores: Sequence[float], size: int,
     return chosen[-1], chosen[:-1]
 
 
+def random_chunks(alphabet: Sequence[int], length: int, seed) -> Iterator[numpy.ndarray]:
+    """Endless filler of ``length`` tokens drawn uniformly from ``alphabet`` (the synthetic
+    copying task: nothing around a record is predictable, so only copying lowers its loss)."""
+    rng = numpy.random.default_rng(seed)
+    words = numpy.asarray(alphabet)
+    while True:
+        yield rng.choice(words, size=length)
+
+
 def drill_layout(length: int) -> PlantLayout:
     """One long record per document: L = length/4 - 2 values, recurring length/4 to 3 length/4
     tokens later (a different distance in every document, so only copying by content, not by

@@ -77,8 +77,9 @@ def check_copying(study) -> dict:
     if study.cfg["min_copy_gap"] > 0 and result["copy_gap"] < study.cfg["min_copy_gap"]:
         raise SystemExit(f"long_range_study.py: the phase-1 model does not copy within W (gap "
                          f"{result['copy_gap']:.2f} < {study.cfg['min_copy_gap']} nats): phase 2 "
-                         "would have nothing to extend; train phase 1 longer (remove "
-                         f"{study.path('pretrain')} and raise pretrain_iters, e.g. --set pretrain_iters=5000)")
+                         "would have nothing to extend; train the drill longer (remove "
+                         f"{study.path('drill')} and {study.path('pretrain')} and raise "
+                         "drill_iters, e.g. --set drill_iters=6000)")
     return result
 
 
@@ -98,7 +99,7 @@ def evaluate_study(study) -> dict:
     natural = natural_documents(os.path.join(study.args.data, "heldout_text_document"), short,
                                 cfg["natural_sequences"])
     extend_table = PlantTable.load(study.path("data", "extend_plants.npz"))
-    n_extend = study.sets["extend"][5]
+    n_extend = study.sets["extend"][5]  # documents
     tokens_per_iter = cfg["extend_batch"] * study.long
     cache_path = study.path("eval_cache.json")
     cache = {}

@@ -23,10 +23,12 @@ def test_print_commands_lists_every_launch(tmp_path):
     proc = _study(["--quick", "--print-commands", "--out", str(tmp_path / "s")])
     assert proc.returncode == 0, proc.stdout
     lines = [l for l in proc.stdout.splitlines() if "torch.distributed.run" in l]
-    assert len(lines) == 1 + 1 + 7  # phase 1, one frozen scoring, 7 extensions (one seed)
+    assert len(lines) == 2 + 1 + 7  # phase 1a and 1b, one frozen scoring, 7 extensions
     score = [l for l in lines if "score_data.py" in l][0]
     assert "--tw-scorer-load" in score and "--tw-short-mode sliding" in score
-    runs = [l for l in lines if "pretrain_tw.py" in l][1:]
+    drill, natural, *runs = [l for l in lines if "pretrain_tw.py" in l]
+    assert "--seq-length 32 " in drill and "--seq-length 64 " in natural
+    assert "--pretrained-checkpoint" not in drill and "/drill" in natural
     frozen = [l for l in runs if "--tw-scorer precomputed" in l]
     own = [l for l in runs if "--tw-scorer self" in l]
     assert len(frozen) == 3 and len(own) == 3
@@ -46,7 +48,8 @@ def test_bad_override_is_one_line(tmp_path):
 @pytest.mark.slow
 def test_quick_study_end_to_end(tmp_path):
     out = tmp_path / "study"
-    proc = _study(["--quick", "--out", str(out), "--set", "pretrain_iters=20", "--set",
+    proc = _study(["--quick", "--out", str(out), "--set", "drill_iters=20", "--set",
+                   "pretrain_iters=20", "--set",
                    "extend_iters=4", "--set", "curve_points=2", "--set", "heldout_docs=8",
                    "--set", "natural_sequences=8"], timeout=1800)
     assert proc.returncode == 0, proc.stdout[-4000:]

@@ -239,6 +239,30 @@ def test_drill_documents_are_one_long_record_at_varying_distances():
         map(tuple, numpy.concatenate([docs, extra]).tolist()))
 
 
+def test_random_filler_drills_hold_only_alphabet_words_and_one_copy():
+    from megatron_tw.data.planted import random_chunks
+
+    layout = PlantLayout(length=32, records=1, value_length=12, min_distance=14,
+                         max_distance=18)
+    docs, table = plant_documents(random_chunks(ALPHABET, 32, [3, 8]), 200, layout,
+                                  marker=MARKER, alphabet=ALPHABET, seed=2)
+    assert set(numpy.unique(docs).tolist()) <= set(ALPHABET) | {MARKER}
+    distance = table.recur - table.first
+    assert set(distance.tolist()) == set(range(14, 19))  # every allowed distance occurs
+    for doc, first, recur in zip(table.doc, table.first, table.recur):
+        numpy.testing.assert_array_equal(docs[doc, first:first + 14], docs[doc, recur:recur + 14])
+    again = plant_documents(random_chunks(ALPHABET, 32, [3, 8]), 200, layout, marker=MARKER,
+                            alphabet=ALPHABET, seed=2)[0]
+    numpy.testing.assert_array_equal(docs, again)
+    other = plant_documents(random_chunks(ALPHABET, 32, [4, 8]), 200, layout, marker=MARKER,
+                            alphabet=ALPHABET, seed=2)[0]
+    filler = numpy.ones_like(docs, dtype=bool)
+    for doc, first, recur in zip(table.doc, table.first, table.recur):
+        filler[doc, first:first + 14] = filler[doc, recur:recur + 14] = False
+    assert filler.sum() >= 400
+    assert (docs != other)[filler].mean() > 0.9  # another filler seed: other filler
+
+
 def test_document_bounds_from_an_index():
     from megatron_tw.data.planted import document_bounds
 
