@@ -63,7 +63,8 @@ FULL = dict(
     pretrain_iters=1500, pretrain_batch=32, pretrain_micro=16, pretrain_lr=1e-3,
     pretrain_records=1, extend_records=4, value_length=8, alphabet=512, drill_share=0.85,
     pretrain_drill_share=0.5,
-    extend_iters=100, extend_batch=16, extend_micro=8, extend_lr=1e-3, curve_points=4,
+    extend_rotary_base=40000, extend_iters=100, extend_batch=16, extend_micro=8, extend_lr=1e-3,
+    curve_points=4,
     seeds=(1, 2, 3), heldout_docs=128, natural_sequences=256, min_copy_gap=1.0,
 )
 QUICK = dict(FULL, drill_iters=300, pretrain_iters=60, extend_iters=20, curve_points=2,
@@ -255,7 +256,7 @@ class Study:
         iters = c["extend_iters"]
         return [*self.model_flags(), "--data-path", self.path("data", "extend"),
                 "--seq-length", str(self.long), "--max-position-embeddings", str(self.long),
-                "--rotary-base", "40000", "--seed", str(seed),
+                "--rotary-base", str(c["extend_rotary_base"]), "--seed", str(seed),
                 "--micro-batch-size", str(c["extend_micro"]),
                 "--global-batch-size", str(c["extend_batch"]), "--train-iters", str(iters),
                 "--lr", str(c["extend_lr"]), "--min-lr", str(c["extend_lr"]),
