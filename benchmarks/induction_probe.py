@@ -102,7 +102,8 @@ def main(argv=None) -> int:
     ds = IndexedDataset(args.data, mmap=True)
     docs = torch.from_numpy(numpy.stack([numpy.asarray(ds[i], dtype=numpy.int64)
                                          for i in range(len(ds))]))
-    model = TinyLM(args.vocab, args.hidden, args.layers, args.heads, args.ffn, args.tie, args.init_std)
+    model = TinyLM(args.vocab, args.hidden, args.layers, args.heads, args.ffn, args.tie,
+                   args.init_std)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     start = time.time()
     for step in range(args.steps):

@@ -13,6 +13,7 @@ is, its key and values, the marker and the alphabet).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -99,11 +100,12 @@ def main(argv=None) -> int:
         raise SystemExit(f"build_planted_data.py: error: --drill-share must be in [0, 1), got "
                          f"{args.drill_share}")
     drills = int(round(args.drill_share * args.num_docs))
-    drill = drill_layout(args.length)
-    drill = PlantLayout(length=args.length, records=1,
-                        value_length=args.drill_value_length or drill.value_length,
-                        min_distance=args.drill_min_distance or drill.min_distance,
-                        max_distance=args.drill_max_distance or drill.max_distance)
+    default = drill_layout(args.length)
+    drill = dataclasses.replace(default, **{
+        name: value for name, value in (("value_length", args.drill_value_length),
+                                        ("min_distance", args.drill_min_distance),
+                                        ("max_distance", args.drill_max_distance))
+        if value is not None})
     try:
         drill.validate()
     except ValueError as err:
