@@ -27,6 +27,8 @@ from megatron_tw.data.planted import (  # noqa: E402
     document_bounds,
     drill_layout,
     mix_documents,
+    mix_order,
+    mix_tables,
     natural_chunks,
     plant_documents,
     random_chunks,
@@ -55,7 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--drill-share", type=float, default=0.0,
                    help="this share of the documents are drills instead (one record filling the "
                         "document, recurring after half of it; data/planted.py drill_layout), "
-                        "shuffled among the others; the plant table then lists the others only")
+                        "shuffled among the others; the plant table lists the records of both when "
+                        "they have one value length (else it holds no records)")
+    p.add_argument("--drill-records", type=int, default=None,
+                   help="records per drill document (default 1)")
     p.add_argument("--drill-value-length", type=int, default=None,
                    help="a drill record's value tokens (default: length/4 - 2)")
     p.add_argument("--drill-min-distance", type=int, default=None,
@@ -72,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not 0.0 <= args.drill_share < 1.0:
+        raise SystemExit(f"build_planted_data.py: error: --drill-share must be in [0, 1), got "
+                         f"{args.drill_share}")
     import sentencepiece
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -96,13 +104,11 @@ def main(argv=None) -> int:
         chunks = random_chunks(alphabet, args.length, [args.seed, 7])
     for _ in range(args.skip_docs):
         next(chunks, None)
-    if not 0.0 <= args.drill_share < 1.0:
-        raise SystemExit(f"build_planted_data.py: error: --drill-share must be in [0, 1), got "
-                         f"{args.drill_share}")
     drills = int(round(args.drill_share * args.num_docs))
     default = drill_layout(args.length)
     drill = dataclasses.replace(default, **{
-        name: value for name, value in (("value_length", args.drill_value_length),
+        name: value for name, value in (("records", args.drill_records),
+                                        ("value_length", args.drill_value_length),
                                         ("min_distance", args.drill_min_distance),
                                         ("max_distance", args.drill_max_distance))
         if value is not None})
@@ -116,12 +122,19 @@ def main(argv=None) -> int:
         if drills:
             if args.drill_filler == "random":
                 chunks = random_chunks(alphabet, args.length, [args.seed, 8])
-            drill_docs, _ = plant_documents(chunks, drills, drill,
+            drill_docs, drill_table = plant_documents(chunks, drills, drill,
                                             marker=marker, alphabet=alphabet, seed=args.seed + 1)
     except ValueError as err:
         raise SystemExit(f"build_planted_data.py: error: {args.source}: {err}")
-    if drills:  # the table would need renumbering; a mixed set is for training only
-        docs = mix_documents([docs, drill_docs], seed=args.seed)
+    drill_index = numpy.zeros(0, dtype=numpy.int64)
+    if drills:
+        parts = [docs, drill_docs]
+        docs = mix_documents(parts, seed=args.seed)
+        drill_index = numpy.flatnonzero(mix_order(len(docs), args.seed) >= len(parts[0]))
+        if drill.value_length == layout.value_length:
+            table = mix_tables([table, drill_table], [len(parts[0]), drills], seed=args.seed)
+        else:  # one table holds one value length: a set for training only
+            table = None
     writer = AtomicDatasetWriter(args.out, token_dtype(len(pieces)))
     try:
         for doc in docs:
@@ -130,13 +143,14 @@ def main(argv=None) -> int:
     except BaseException:
         writer.abort()
         raise
-    if not drills:
-        table.save(args.out + "_plants.npz", marker=marker, alphabet=numpy.asarray(alphabet),
-                   length=args.length, seed=args.seed)
+    meta = dict(marker=marker, alphabet=numpy.asarray(alphabet), length=args.length,
+                seed=args.seed, drill_docs=drill_index)
+    if table is not None:
+        table.save(args.out + "_plants.npz", **meta)
     else:
-        numpy.savez(args.out + "_plants.npz", drills=drills, marker=marker,
-                    alphabet=numpy.asarray(alphabet), length=args.length, seed=args.seed)
-    print(f"{args.out}: {len(docs)} documents x {args.length} tokens, {len(table.doc)} records "
+        numpy.savez(args.out + "_plants.npz", drills=drills, **meta)
+    records = "no plant table" if table is None else f"{len(table.doc)} records"
+    print(f"{args.out}: {len(docs)} documents x {args.length} tokens ({drills} drills), {records} "
           f"(marker {pieces[marker]!r}, alphabet of {len(alphabet)} words from "
           f"{pieces[alphabet[0]]!r} to {pieces[alphabet[-1]]!r})")
     return 0

@@ -34,6 +34,7 @@ import shlex
 import subprocess
 import sys
 import time
+from typing import NamedTuple, Optional
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,12 +64,41 @@ FULL = dict(
     pretrain_iters=1500, pretrain_batch=32, pretrain_micro=16, pretrain_lr=1e-3,
     pretrain_records=1, extend_records=4, value_length=8, alphabet=512, drill_share=0.85,
     pretrain_drill_share=0.5,
+    extend_drill_share=0.0, extend_drill_records=4,
     extend_rotary_base=40000, extend_iters=100, extend_batch=16, extend_micro=8, extend_lr=1e-3,
     curve_points=4,
     seeds=(1, 2, 3), heldout_docs=128, natural_sequences=256, min_copy_gap=1.0,
 )
 QUICK = dict(FULL, drill_iters=300, pretrain_iters=60, extend_iters=20, curve_points=2,
              seeds=(1,), heldout_docs=32, natural_sequences=64, min_copy_gap=0.0)
+
+
+class Drill(NamedTuple):
+    """Random-word drill documents mixed into a set (tools/build_planted_data.py --drill-*):
+    their share of the documents, and their records' count, value length and distance range
+    (None: the builder's default)."""
+
+    share: float
+    records: Optional[int]
+    value_length: Optional[int]
+    min_distance: Optional[int]
+    max_distance: Optional[int]
+
+
+class DocSet(NamedTuple):
+    """One planted document set of the study (tools/build_planted_data.py): the built-in text
+    it comes from ("train" or "heldout"), tokens per document, records per natural document,
+    their recurrence distance range, documents, seed, value length, and drills mixed in."""
+
+    text: str
+    length: int
+    records: int
+    min_distance: int
+    max_distance: int
+    docs: int
+    seed: int
+    value_length: int
+    drill: Optional[Drill] = None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -115,24 +145,27 @@ class Study:
         self.long = 4 * c["short"]
         self.record = c["value_length"] + 2
         drill_record, quarter = c["drill_value_length"] + 2, c["drill_length"] // 4
-        self.sets = {  # name -> (source text, length, records, min/max distance, docs, seed,
-            #                      value length, drills: (share, values, min/max distance))
-            "drill": ("train", c["drill_length"], 1, quarter, c["drill_length"] - quarter - 1,
-                      c["drill_iters"] * c["drill_batch"], 10, quarter - 2,
-                      (c["drill_share"], c["drill_value_length"], drill_record,
-                       c["drill_length"] - drill_record)),
-            "pretrain": ("train", c["short"], c["pretrain_records"], self.record,
-                         c["short"] - self.record - 1, c["pretrain_iters"] * c["pretrain_batch"],
-                         11, c["value_length"], (c["pretrain_drill_share"], None, None, None)),
-            "extend": ("train", self.long, c["extend_records"], self.record,
-                       self.long - self.record - 1, c["extend_iters"] * c["extend_batch"], 12,
-                       c["value_length"], None),
-            "heldout_short": ("heldout", c["short"], c["pretrain_records"], self.record,
-                              c["short"] - self.record - 1, c["heldout_docs"], 101,
-                              c["value_length"], None),
-            "heldout_long": ("heldout", self.long, c["extend_records"], self.record,
-                             self.long - self.record - 1, c["heldout_docs"], 102,
-                             c["value_length"], None),
+        near, far = (self.record, c["short"] - self.record - 1), (self.record,
+                                                                   self.long - self.record - 1)
+        extend_drill = None
+        if c["extend_drill_share"] > 0:  # drills at 4W, their records recurring up to 4W back
+            extend_drill = Drill(c["extend_drill_share"], c["extend_drill_records"],
+                                 c["value_length"], *far)
+        self.sets = {
+            "drill": DocSet("train", c["drill_length"], 1, quarter, c["drill_length"] - quarter - 1,
+                            c["drill_iters"] * c["drill_batch"], 10, quarter - 2,
+                            Drill(c["drill_share"], None, c["drill_value_length"], drill_record,
+                                  c["drill_length"] - drill_record)),
+            "pretrain": DocSet("train", c["short"], c["pretrain_records"], *near,
+                               c["pretrain_iters"] * c["pretrain_batch"], 11, c["value_length"],
+                               Drill(c["pretrain_drill_share"], None, None, None, None)),
+            "extend": DocSet("train", self.long, c["extend_records"], *far,
+                             c["extend_iters"] * c["extend_batch"], 12, c["value_length"],
+                             extend_drill),
+            "heldout_short": DocSet("heldout", c["short"], c["pretrain_records"], *near,
+                                    c["heldout_docs"], 101, c["value_length"]),
+            "heldout_long": DocSet("heldout", self.long, c["extend_records"], *far,
+                                   c["heldout_docs"], 102, c["value_length"]),
         }
 
     # -- helpers --------------------------------------------------------------------------
@@ -183,28 +216,29 @@ class Study:
             self.stamp(f"building the built-in corpus in {self.args.data}")
             self.run([self.py, "tools/build_demo_data.py", "--out", self.args.data],
                      self.path("build_demo_data.log"))
-        for name, (text, length, records, lo, hi, docs, seed, values, drill) in (
-                self.sets.items()):
+        for name, ds in self.sets.items():
             prefix = self.path("data", name)
             if os.path.exists(prefix + "_plants.npz"):
                 continue
             drill_flags = []
-            if drill is not None:  # random-word drills mixed in (data/planted.py drill_layout)
-                drill_flags = ["--drill-share", str(drill[0]), "--drill-filler", "random"]
-                for flag, value in zip(("value-length", "min-distance", "max-distance"),
-                                       drill[1:]):
+            if ds.drill is not None:  # random-word drills mixed in (data/planted.py drill_layout)
+                drill_flags = ["--drill-share", str(ds.drill.share), "--drill-filler", "random"]
+                for flag, value in zip(("records", "value-length", "min-distance",
+                                        "max-distance"), ds.drill[1:]):
                     if value is not None:
                         drill_flags += [f"--drill-{flag}", str(value)]
             self.run([self.py, "tools/build_planted_data.py", "--source",
-                      os.path.join(self.args.data, f"{text}_text_document"), "--tokenizer-model",
-                      self.tokenizer, "--out", prefix, "--length", str(length), "--records",
-                      str(records), "--value-length", str(values),
-                      "--alphabet-size", str(self.cfg["alphabet"]), "--min-distance", str(lo),
-                      "--max-distance", str(hi), "--num-docs", str(docs), "--seed", str(seed),
-                      *drill_flags],
+                      os.path.join(self.args.data, f"{ds.text}_text_document"),
+                      "--tokenizer-model", self.tokenizer, "--out", prefix,
+                      "--length", str(ds.length), "--records", str(ds.records),
+                      "--value-length", str(ds.value_length),
+                      "--alphabet-size", str(self.cfg["alphabet"]),
+                      "--min-distance", str(ds.min_distance),
+                      "--max-distance", str(ds.max_distance), "--num-docs", str(ds.docs),
+                      "--seed", str(ds.seed), *drill_flags],
                      self.path("data", name + ".log"))
         self.stamp("data ready: " + ", ".join(
-            f"{n} {v[5]} x {v[1]}" for n, v in self.sets.items()))
+            f"{n} {v.docs} x {v.length}" for n, v in self.sets.items()))
 
     # -- 2. phase 1 -----------------------------------------------------------------------
     def phase1_flags(self, part: str) -> list[str]:
@@ -212,7 +246,7 @@ class Study:
         records at W, from 1a's weights)."""
         c = self.cfg
         key = "drill" if part == "drill" else "pretrain"
-        iters, length = c[f"{key}_iters"], self.sets[part][1]
+        iters, length = c[f"{key}_iters"], self.sets[part].length
         flags = [*self.model_flags(), "--data-path", self.path("data", part),
                  "--seq-length", str(length), "--max-position-embeddings", str(length),
                  "--rotary-base", "10000", "--seed", "1234",

@@ -237,7 +237,35 @@ def drill_layout(length: int) -> PlantLayout:
                        min_distance=quarter, max_distance=3 * quarter)
 
 
+def mix_order(total: int, seed: int) -> numpy.ndarray:
+    """The seeded shuffle of ``mix_documents``: mixed document j is concatenated document
+    ``order[j]`` (int64 [total])."""
+    return numpy.random.default_rng(seed).permutation(total)
+
+
 def mix_documents(parts: Sequence[numpy.ndarray], seed: int) -> numpy.ndarray:
     """Document sets of one length [n_i, s] shuffled into one [sum n_i, s] (seeded)."""
     docs = numpy.concatenate(list(parts))
-    return docs[numpy.random.default_rng(seed).permutation(len(docs))]
+    return docs[mix_order(len(docs), seed)]
+
+
+def mix_tables(tables: Sequence[PlantTable], sizes: Sequence[int], seed: int) -> PlantTable:
+    """The plant table of ``mix_documents(parts, seed)``, where part ``i`` has ``sizes[i]``
+    documents and table ``tables[i]``: every record, its document renumbered to the mixed
+    order (rows sorted by document, then position). The tables must share a value length."""
+    lengths = {t.value_length for t in tables if len(t.doc)}
+    if len(lengths) > 1:
+        raise ValueError(f"the tables' value lengths differ ({sorted(lengths)}): one table "
+                         "holds one value length")
+    order = mix_order(int(sum(sizes)), seed)
+    new_index = numpy.empty_like(order)
+    new_index[order] = numpy.arange(len(order))
+    offsets = numpy.concatenate([[0], numpy.cumsum(sizes)])[:-1]
+    doc = numpy.concatenate([new_index[t.doc + o] for t, o in zip(tables, offsets)])
+    first = numpy.concatenate([t.first for t in tables])
+    rows = numpy.lexsort((first, doc))
+    width = lengths.pop() if lengths else 0
+    return PlantTable(
+        doc=doc[rows], key=numpy.concatenate([t.key for t in tables])[rows],
+        first=first[rows], recur=numpy.concatenate([t.recur for t in tables])[rows],
+        values=numpy.concatenate([t.values.reshape(-1, width) for t in tables])[rows])

@@ -99,7 +99,7 @@ def evaluate_study(study) -> dict:
     natural = natural_documents(os.path.join(study.args.data, "heldout_text_document"), short,
                                 cfg["natural_sequences"])
     extend_table = PlantTable.load(study.path("data", "extend_plants.npz"))
-    n_extend = study.sets["extend"][5]  # documents
+    n_extend = study.sets["extend"].docs
     tokens_per_iter = cfg["extend_batch"] * study.long
     cache_path = study.path("eval_cache.json")
     cache = {}

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy
 import pytest
 import torch
@@ -237,6 +239,35 @@ def test_drill_documents_are_one_long_record_at_varying_distances():
     assert mixed.shape == (23, 64)
     assert sorted(map(tuple, mixed.tolist())) == sorted(
         map(tuple, numpy.concatenate([docs, extra]).tolist()))
+
+
+def test_mixed_table_points_at_every_record_of_the_mixed_documents():
+    from megatron_tw.data.planted import mix_documents, mix_tables, random_chunks
+
+    natural = PlantLayout(length=64, records=2, value_length=4, min_distance=8, max_distance=40)
+    drill = PlantLayout(length=64, records=3, value_length=4, min_distance=6, max_distance=30)
+    docs, table = plant_documents(_natural(15, 64), 15, natural, marker=MARKER,
+                                  alphabet=ALPHABET, seed=1)
+    drills, drill_table = plant_documents(random_chunks(ALPHABET, 64, [2]), 7, drill,
+                                          marker=MARKER, alphabet=ALPHABET, seed=2)
+    mixed = mix_documents([docs, drills], seed=5)
+    both = mix_tables([table, drill_table], [15, 7], seed=5)
+    assert len(both.doc) == 15 * 2 + 7 * 3
+    assert numpy.all(numpy.diff(both.doc) >= 0)
+    for doc, key, first, recur, values in zip(both.doc, both.key, both.first, both.recur,
+                                              both.values):
+        record = [MARKER, key, *values]
+        assert mixed[doc, first:first + 6].tolist() == record
+        assert mixed[doc, recur:recur + 6].tolist() == record
+    # each mixed document is one of the sources, with that source's record count
+    per_doc = numpy.bincount(both.doc, minlength=22)
+    sources = {tuple(d): 2 for d in docs.tolist()} | {tuple(d): 3 for d in drills.tolist()}
+    assert [sources[tuple(d)] for d in mixed.tolist()] == per_doc.tolist()
+    _, longer = plant_documents(random_chunks(ALPHABET, 64, [3]), 2,
+                                dataclasses.replace(drill, value_length=5, min_distance=8), marker=MARKER,
+                                alphabet=ALPHABET, seed=3)
+    with pytest.raises(ValueError, match="value lengths differ"):
+        mix_tables([table, longer], [15, 2], seed=5)
 
 
 def test_random_filler_drills_hold_only_alphabet_words_and_one_copy():
