@@ -9,8 +9,9 @@ Steps (each skipped when its output exists, so an interrupted study resumes):
   1. data: the built-in corpus (data/demo) with planted key-value records
      (megatron_tw/data/planted.py): phase-1 documents whose records recur within W, half of
      them random-word drills (one long record in random alphabet words); extension documents of
-     4W tokens whose records recur 10..4W-11 tokens later (most beyond W); held-out documents of
-     both lengths from the held-out novel with fresh values.
+     4W tokens whose records recur 10..4W-11 tokens later (most beyond W), with random-word
+     drills of 4W tokens mixed in when the extend_drill_share setting is above 0; held-out
+     documents of both lengths from the held-out novel with fresh values.
   2. phase 1: (a) the copying drill at 32 tokens, where an induction head forms; (b) natural
      text with records at W from (a)'s weights. Then a gate: the held-out loss of a record's
      recurrence must be far below the loss of its first occurrence (the gap is reported, and
@@ -112,6 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the built-in corpus folder (tools/build_demo_data.py)")
     p.add_argument("--nproc", type=int, default=2, help="processes per training run")
     p.add_argument("--port", type=int, default=29651, help="first torchrun master port")
+    p.add_argument("--presets", default=",".join(PRESETS), metavar="NAMES",
+                   help="the phase-2 weightings to run, comma-separated (default: all of "
+                        f"{', '.join(PRESETS)}), e.g. uniform to probe an extension setting")
     p.add_argument("--print-commands", action="store_true",
                    help="print every launch of the study and run nothing")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -119,6 +123,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "e.g. --set extend_iters=40 --set seeds=1,2")
     args = p.parse_args(argv)
     args.cfg = dict(QUICK if args.quick else FULL)
+    args.presets = [name for name in args.presets.split(",") if name]
+    unknown = sorted(set(args.presets) - set(PRESETS))
+    if unknown or not args.presets:
+        p.error(f"--presets {','.join(unknown) or '(none)'}: expected names from "
+                f"{', '.join(PRESETS)}")
     for item in args.set:
         key, _, value = item.partition("=")
         if key not in args.cfg or not value:
@@ -279,8 +288,9 @@ class Study:
         """(run name, preset, scorer, seed), uniform once per seed (it has no scorer)."""
         out = []
         for seed in self.cfg["seeds"]:
-            out.append((f"uniform_s{seed}", "uniform", "", seed))
-            for preset in ("dense", "sparse", "longce"):
+            if "uniform" in self.args.presets:
+                out.append((f"uniform_s{seed}", "uniform", "", seed))
+            for preset in [p for p in ("dense", "sparse", "longce") if p in self.args.presets]:
                 for scorer in SCORERS:
                     out.append((f"{preset}-{scorer}_s{seed}", preset, scorer, seed))
         return out
@@ -348,7 +358,8 @@ def main(argv=None) -> int:
         from megatron_tw.eval.study import check_copying
 
         check_copying(study)
-    for seed in study.cfg["seeds"]:
+    for seed in study.cfg["seeds"] if any(
+            scorer == "frozen" for _, _, scorer, _ in study.runs()) else ():
         study.score(seed)
     for run in study.runs():
         study.extend(*run)

@@ -38,6 +38,25 @@ def test_print_commands_lists_every_launch(tmp_path):
     assert all("--seed 1 " in l for l in runs)
 
 
+def test_presets_restrict_phase_two_and_extension_drills_reach_the_builder(tmp_path):
+    proc = _study(["--quick", "--print-commands", "--presets", "uniform,sparse", "--set",
+                   "extend_drill_share=0.5", "--out", str(tmp_path / "s")])
+    assert proc.returncode == 0, proc.stdout
+    runs = [l for l in proc.stdout.splitlines() if "pretrain_tw.py" in l][2:]
+    assert len(runs) == 3  # uniform, sparse frozen, sparse self
+    assert sum("--tw-preset uniform" in l for l in runs) == 1
+    assert sum("--tw-preset sparse" in l for l in runs) == 2
+    assert sum("score_data.py" in l for l in proc.stdout.splitlines()) == 1
+    extend = [l for l in proc.stdout.splitlines() if "build_planted_data.py" in l
+              and "/data/extend " in l][0]
+    assert "--drill-share 0.5" in extend and "--drill-records 4" in extend
+    alone = _study(["--quick", "--print-commands", "--presets", "uniform", "--out",
+                    str(tmp_path / "u")])
+    assert alone.returncode == 0 and "score_data.py" not in alone.stdout
+    bad = _study(["--presets", "unifrm", "--print-commands", "--out", str(tmp_path / "b")])
+    assert bad.returncode == 2 and "--presets unifrm: expected names from" in bad.stdout
+
+
 def test_bad_override_is_one_line(tmp_path):
     proc = _study(["--set", "extend_iterz=3", "--print-commands", "--out", str(tmp_path)])
     assert proc.returncode == 2
