@@ -45,6 +45,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--value-length", type=int, default=8, help="value tokens per record")
     p.add_argument("--min-distance", type=int, required=True)
     p.add_argument("--max-distance", type=int, required=True)
+    p.add_argument("--near-share", type=float, default=0.0,
+                   help="this share of the records recur at most --near-max-distance tokens "
+                        "later, the others further (default 0: uniform over the whole range)")
+    p.add_argument("--near-max-distance", type=int, default=0,
+                   help="the near records' largest distance, with --near-share")
     p.add_argument("--planted-share", type=float, default=1.0,
                    help="fraction of documents with records")
     p.add_argument("--num-docs", type=int, required=True)
@@ -87,7 +92,8 @@ def main(argv=None) -> int:
 
     layout = PlantLayout(length=args.length, records=args.records,
                          value_length=args.value_length, min_distance=args.min_distance,
-                         max_distance=args.max_distance, planted_share=args.planted_share)
+                         max_distance=args.max_distance, planted_share=args.planted_share,
+                         near_share=args.near_share, near_max_distance=args.near_max_distance)
     try:
         layout.validate()
     except ValueError as err:

@@ -65,7 +65,7 @@ FULL = dict(
     pretrain_iters=1500, pretrain_batch=32, pretrain_micro=16, pretrain_lr=1e-3,
     pretrain_records=1, extend_records=4, value_length=8, alphabet=512, drill_share=0.85,
     pretrain_drill_share=0.5,
-    extend_drill_share=0.0, extend_drill_records=4,
+    extend_drill_share=0.0, extend_drill_records=4, extend_near_share=0.0,
     extend_rotary_base=40000, extend_iters=100, extend_batch=16, extend_micro=8, extend_lr=1e-3,
     curve_points=4,
     seeds=(1, 2, 3), heldout_docs=128, natural_sequences=256, min_copy_gap=1.0,
@@ -89,7 +89,8 @@ class Drill(NamedTuple):
 class DocSet(NamedTuple):
     """One planted document set of the study (tools/build_planted_data.py): the built-in text
     it comes from ("train" or "heldout"), tokens per document, records per natural document,
-    their recurrence distance range, documents, seed, value length, and drills mixed in."""
+    their recurrence distance range, documents, seed, value length, drills mixed in, and the
+    share of records recurring at most near_max_distance tokens later (0: uniform distances)."""
 
     text: str
     length: int
@@ -100,6 +101,8 @@ class DocSet(NamedTuple):
     seed: int
     value_length: int
     drill: Optional[Drill] = None
+    near_share: float = 0.0
+    near_max_distance: int = 0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -170,7 +173,7 @@ class Study:
                                Drill(c["pretrain_drill_share"], None, None, None, None)),
             "extend": DocSet("train", self.long, c["extend_records"], *far,
                              c["extend_iters"] * c["extend_batch"], 12, c["value_length"],
-                             extend_drill),
+                             extend_drill, c["extend_near_share"], c["short"] - 1),
             "heldout_short": DocSet("heldout", c["short"], c["pretrain_records"], *near,
                                     c["heldout_docs"], 101, c["value_length"]),
             "heldout_long": DocSet("heldout", self.long, c["extend_records"], *far,
@@ -229,7 +232,10 @@ class Study:
             prefix = self.path("data", name)
             if os.path.exists(prefix + "_plants.npz"):
                 continue
-            drill_flags = []
+            drill_flags, near_flags = [], []
+            if ds.near_share > 0:  # this share of the records within W, the rest beyond
+                near_flags = ["--near-share", str(ds.near_share), "--near-max-distance",
+                              str(ds.near_max_distance)]
             if ds.drill is not None:  # random-word drills mixed in (data/planted.py drill_layout)
                 drill_flags = ["--drill-share", str(ds.drill.share), "--drill-filler", "random"]
                 for flag, value in zip(("records", "value-length", "min-distance",
@@ -244,7 +250,7 @@ class Study:
                       "--alphabet-size", str(self.cfg["alphabet"]),
                       "--min-distance", str(ds.min_distance),
                       "--max-distance", str(ds.max_distance), "--num-docs", str(ds.docs),
-                      "--seed", str(ds.seed), *drill_flags],
+                      "--seed", str(ds.seed), *drill_flags, *near_flags],
                      self.path("data", name + ".log"))
         self.stamp("data ready: " + ", ".join(
             f"{n} {v.docs} x {v.length}" for n, v in self.sets.items()))

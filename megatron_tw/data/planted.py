@@ -34,7 +34,10 @@ class PlantLayout:
     min_distance, max_distance: the recurrence starts this many tokens after the first
     occurrence (inclusive range; first-occurrence value i and recurrence value i are exactly
     ``distance`` apart). planted_share: the fraction of documents with records (the others are
-    natural text only).
+    natural text only). near_share, near_max_distance: with a share above 0, each record recurs
+    within [min_distance, near_max_distance] with that probability and within
+    [near_max_distance + 1, max_distance] otherwise (e.g. most records within a short context
+    and the rest beyond it); with 0 (the default) the distance is uniform over the whole range.
     """
 
     length: int
@@ -43,6 +46,8 @@ class PlantLayout:
     min_distance: int
     max_distance: int
     planted_share: float = 1.0
+    near_share: float = 0.0
+    near_max_distance: int = 0
 
     @property
     def record_length(self) -> int:
@@ -60,6 +65,23 @@ class PlantLayout:
                              f"({self.record_length}) does not fit in {self.length} tokens")
         if not 0.0 <= self.planted_share <= 1.0:
             raise ValueError(f"planted_share must be in [0, 1], got {self.planted_share}")
+        if not 0.0 <= self.near_share <= 1.0:
+            raise ValueError(f"near_share must be in [0, 1], got {self.near_share}")
+        if self.near_share > 0 and not (self.min_distance <= self.near_max_distance
+                                         < self.max_distance):
+            raise ValueError(f"need min_distance {self.min_distance} <= near_max_distance "
+                             f"{self.near_max_distance} < max_distance {self.max_distance}")
+
+    def draw_distance(self, rng: numpy.random.Generator) -> int:
+        """One record's recurrence distance (the class docstring). With near_share 0 the draw is
+        one integer over the whole range, so such sets are what they were before the split."""
+        low, high = self.min_distance, self.max_distance
+        if self.near_share > 0:
+            if rng.random() < self.near_share:
+                high = self.near_max_distance
+            else:
+                low = self.near_max_distance + 1
+        return int(rng.integers(low, high + 1))
 
 
 @dataclasses.dataclass
@@ -137,7 +159,7 @@ def _place(rng: numpy.random.Generator, layout: PlantLayout,
         for _ in range(layout.records):
             busy = numpy.concatenate([[0], numpy.cumsum(taken)])  # busy[b] - busy[a]: taken in [a, b)
             for _ in range(tries):
-                distance = int(rng.integers(layout.min_distance, layout.max_distance + 1))
+                distance = layout.draw_distance(rng)
                 starts = numpy.arange(0, n - span - distance + 1)
                 free = ((busy[starts + span] - busy[starts] == 0)
                         & (busy[starts + distance + span] - busy[starts + distance] == 0))

@@ -300,3 +300,26 @@ def test_document_bounds_from_an_index():
     # 3 documents: sequences of lengths [2, 3], [4], [1, 1, 1]
     assert document_bounds(numpy.array([2, 3, 4, 1, 1, 1]), numpy.array([0, 2, 3, 6])) == [
         (0, 5), (5, 9), (9, 12)]
+
+
+def test_near_share_splits_the_distances_at_near_max_distance():
+    """With near_share p, about p of the records recur within [min, near_max] and the others in
+    (near_max, max]; share 0 keeps the single uniform range (the same documents as before)."""
+    base = PlantLayout(length=256, records=4, value_length=8, min_distance=10, max_distance=245)
+    split = dataclasses.replace(base, near_share=0.75, near_max_distance=63)
+    docs, table = _build(split, n=400)
+    distance = table.recur - table.first
+    assert distance.min() >= 10 and distance.max() <= 245
+    near = distance <= 63
+    assert abs(near.mean() - 0.75) < 0.05, near.mean()  # 1,600 records: std of the share 0.011
+    assert distance[~near].min() >= 64
+    # far records cover their whole range, not just its start
+    assert distance[~near].max() > 200 and distance[near].min() < 20
+    uniform = _build(base, n=400)[1]
+    assert ((uniform.recur - uniform.first) <= 63).mean() < 0.35  # uniform: about 23% near
+    numpy.testing.assert_array_equal(
+        _build(dataclasses.replace(base, near_max_distance=63), n=40)[0], _build(base, n=40)[0])
+    for bad in (dict(near_share=1.5, near_max_distance=63), dict(near_share=0.5),
+                dict(near_share=0.5, near_max_distance=245)):
+        with pytest.raises(ValueError, match="near"):
+            dataclasses.replace(base, **bad).validate()
