@@ -109,7 +109,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="a smaller model, W=128, fewer steps and one seed (a few minutes)")
+                   help="the same model with far fewer steps, one seed, smaller held-out sets "
+                        "and no copy gate (a few minutes)")
     p.add_argument("--out", default=None,
                    help="output folder (default runs/long_range_study[_quick])")
     p.add_argument("--data", default=os.path.join(REPO, "data", "demo"),

@@ -40,7 +40,8 @@ def test_print_commands_lists_every_launch(tmp_path):
 
 def test_presets_restrict_phase_two_and_extension_drills_reach_the_builder(tmp_path):
     proc = _study(["--quick", "--print-commands", "--presets", "uniform,sparse", "--set",
-                   "extend_drill_share=0.5", "--out", str(tmp_path / "s")])
+                   "extend_drill_share=0.5", "--set", "extend_near_share=0.75", "--out",
+                   str(tmp_path / "s")])
     assert proc.returncode == 0, proc.stdout
     runs = [l for l in proc.stdout.splitlines() if "pretrain_tw.py" in l][2:]
     assert len(runs) == 3  # uniform, sparse frozen, sparse self
@@ -50,6 +51,10 @@ def test_presets_restrict_phase_two_and_extension_drills_reach_the_builder(tmp_p
     extend = [l for l in proc.stdout.splitlines() if "build_planted_data.py" in l
               and "/data/extend " in l][0]
     assert "--drill-share 0.5" in extend and "--drill-records 4" in extend
+    assert "--near-share 0.75 --near-max-distance 63" in extend  # quick: W = 64
+    others = [l for l in proc.stdout.splitlines() if "build_planted_data.py" in l
+              and "/data/extend " not in l]
+    assert len(others) == 4 and not any("--near-share" in l for l in others)
     alone = _study(["--quick", "--print-commands", "--presets", "uniform", "--out",
                     str(tmp_path / "u")])
     assert alone.returncode == 0 and "score_data.py" not in alone.stdout
