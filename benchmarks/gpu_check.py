@@ -62,421 +62,41 @@ import re
 import shlex
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "benchmarks"
-SECTIONS = ("setup", "attention", "pretrain", "evaluate")
-SYNC_MESSAGE = "called a synchronizing CUDA operation"
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    num_layers: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    kv_channels: int
-    vocab_size: int
-
-    def flags(self) -> list[str]:
-        return ["--num-layers", str(self.num_layers), "--hidden-size", str(self.hidden_size),
-                "--ffn-hidden-size", str(self.ffn_hidden_size),
-                "--num-attention-heads", str(self.num_attention_heads),
-                "--group-query-attention", "--num-query-groups", str(self.num_query_groups),
-                "--kv-channels", str(self.kv_channels),
-                "--position-embedding-type", "rope", "--rotary-base", "500000",
-                "--normalization", "RMSNorm", "--norm-epsilon", "1e-5", "--swiglu",
-                "--disable-bias-linear", "--attention-dropout", "0", "--hidden-dropout", "0"]
-
-
-@dataclass(frozen=True)
-class ModelDefaults:
-    shape: ModelShape
-    seq_length: int
-    short_context: int
-    global_batch_size: int
-    lr: float
-    ppl_length: int
-
-
-MODELS = {  # Llama-3.2-1B's shape (tied embeddings), and a tiny model for CPU runs
-    "llama-1b": ModelDefaults(ModelShape(16, 2048, 8192, 32, 8, 64, 128256), 8192, 4096, 4,
-                              1e-4, 2048),
-    "tiny": ModelDefaults(ModelShape(2, 64, 128, 4, 2, 16, 512), 256, 64, 2, 3e-3, 128),
-}
-
-# pretrain rows: name -> (precision, --tw-* flags; W = the short context, WW/SS = windows mode)
-ROWS = {
-    "uniform": ("bf16", ["--tw-preset", "uniform"]),
-    "dense-self-sliding": ("bf16", ["--tw-preset", "dense", "--tw-scorer", "self",
-                                    "--tw-short-context", "W", "--tw-short-mode", "sliding"]),
-    "dense-self-windows": ("bf16", ["--tw-preset", "dense", "--tw-scorer", "self",
-                                    "--tw-short-context", "WW", "--tw-short-mode", "windows",
-                                    "--tw-short-stride", "SS"]),
-    "dense-frozen": ("bf16", ["--tw-preset", "dense", "--tw-scorer", "frozen",
-                              "--tw-scorer-load", "SCORER", "--tw-short-context", "W",
-                              "--tw-short-mode", "sliding"]),
-    "sparse-precomputed": ("bf16", ["--tw-preset", "sparse", "--tw-scorer", "precomputed",
-                                    "--tw-short-context", "W", "--tw-short-mode", "sliding",
-                                    "--tw-short-loss-path", "SIDECAR"]),
-    "fp8-uniform": ("fp8", ["--tw-preset", "uniform"]),
-    "fp8-dense": ("fp8", ["--tw-preset", "dense", "--tw-scorer", "self",
-                          "--tw-short-context", "W", "--tw-short-mode", "sliding"]),
-}
-# Dense (non-sparse) peak TFLOP/s by device-name pattern, checked in order.
-PEAKS = [("H100 PCIe", {"bf16": 756.0, "fp8": 1513.0}),
-         ("H100", {"bf16": 989.0, "fp8": 1979.0}),
-         ("H200", {"bf16": 989.0, "fp8": 1979.0})]
-
-
-def matmul_params(shape: ModelShape, vocab: int) -> int:
-    """N: weight-matmul parameters of one forward (output layer included, embedding excluded)."""
-    h, d_head = shape.hidden_size, shape.kv_channels
-    d_attn = shape.num_attention_heads * d_head
-    d_kv = shape.num_query_groups * d_head
-    per_layer = h * (d_attn + 2 * d_kv) + d_attn * h + 3 * h * shape.ffn_hidden_size
-    return shape.num_layers * per_layer + vocab * h
-
-
-def total_params(shape: ModelShape, vocab: int) -> int:
-    """All parameters with tied embeddings: matmul weights + two RMSNorms per layer + final norm
-    (what megatron reports; the tied output layer shares the embedding)."""
-    return matmul_params(shape, vocab) + (2 * shape.num_layers + 1) * shape.hidden_size
-
-
-def flops_per_step(shape: ModelShape, vocab: int, seq_length: int, tokens: int) -> float:
-    """F = 6 N T + 6 L s d_attn T (module docstring)."""
-    d_attn = shape.num_attention_heads * shape.kv_channels
-    return (6.0 * matmul_params(shape, vocab) * tokens
-            + 6.0 * shape.num_layers * seq_length * d_attn * tokens)
-
-
-# -- the machine -------------------------------------------------------------------------------
-
-_TE_PROBE = r"""
-import json, importlib
-import transformer_engine, transformer_engine.pytorch as te
-out = {"version": getattr(transformer_engine, "__version__", "?")}
-checks = {"fp8": ("is_fp8_available", "check_fp8_support"),
-          "mxfp8": ("is_mxfp8_available", "check_mxfp8_support"),
-          "blockwise": ("is_fp8_block_scaling_available", "check_fp8_block_scaling_support")}
-fp8 = importlib.import_module("transformer_engine.pytorch.fp8")
-for name, (new, old) in checks.items():
-    if hasattr(te, new):
-        ok, why = getattr(te, new)(return_reason=True)
-    elif hasattr(fp8, old):
-        ok, why = getattr(fp8, old)()
-    else:
-        ok, why = None, "unknown to this Transformer Engine version"
-    out[name] = [ok, why]
-print("TE_PROBE " + json.dumps(out))
-"""
-
-# CUDA and the versions, in a child process: the check's own process never touches the GPU.
-_MACHINE_PROBE = r"""
-import importlib.metadata as md, importlib.util, json, torch
-out = {"torch": torch.__version__, "cuda": torch.cuda.is_available(), "device": "CPU",
-       "capability": None, "memory_gib": None, "cuda_version": torch.version.cuda}
-if out["cuda"]:
-    p = torch.cuda.get_device_properties(0)
-    out.update(device=p.name, capability=[p.major, p.minor], memory_gib=p.total_memory / 2**30)
-for name in ("megatron-core", "transformers", "sentencepiece", "tensorboard"):
-    try:
-        out[name] = md.version(name)
-    except md.PackageNotFoundError:
-        out[name] = None
-spec = importlib.util.find_spec("megatron")
-out["megatron_path"] = (list(spec.submodule_search_locations or [None])[0]
-                        if spec is not None else None)
-print("MACHINE " + json.dumps(out))
-"""
-
-
-def probe_machine() -> dict:
-    """CUDA device and versions, and Transformer Engine (each imported in a child process: a
-    broken install is reported, not fatal)."""
-    info = {"torch": "?", "cuda": False, "device": "CPU", "capability": None, "memory_gib": None,
-            "cuda_version": None, "megatron-core": None, "te_installed": False, "te": None,
-            "te_error": None, "probe_error": None}
-    proc = subprocess.run([sys.executable, "-c", _MACHINE_PROBE], capture_output=True,
-                          text=True, timeout=300)
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("MACHINE ")), None)
-    if line:
-        info.update(json.loads(line[len("MACHINE "):]))
-    else:
-        info["probe_error"] = error_line(proc.stdout + proc.stderr)
-    import importlib.util
-
-    info["te_installed"] = importlib.util.find_spec("transformer_engine") is not None
-    if info["te_installed"]:
-        proc = subprocess.run([sys.executable, "-c", _TE_PROBE], capture_output=True, text=True,
-                              timeout=300)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("TE_PROBE ")), None)
-        if proc.returncode == 0 and line:
-            info["te"] = json.loads(line[len("TE_PROBE "):])
-        else:
-            info["te_error"] = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-    return info
-
-
-def te_reason(info: dict) -> Optional[str]:
-    """None when Transformer Engine imports here, else why not."""
-    if not info["te_installed"]:
-        return "Transformer Engine not installed"
-    if info["te"] is None:
-        return f"Transformer Engine does not import ({info['te_error']})"
-    return None
-
-
-def fp8_recipe_support(info: dict, recipe: str) -> Optional[str]:
-    """None when FP8 with ``recipe`` can run here, else the reason it cannot."""
-    reasons = [r for r in (te_reason(info), None if info["cuda"] else "no CUDA GPU") if r]
-    if reasons:
-        return "; ".join(reasons)
-    key = {"mxfp8": "mxfp8", "blockwise": "blockwise"}.get(recipe, "fp8")
-    ok, why = info["te"][key]
-    return None if ok in (True, None) else f"{why}"
-
-
-def peak_tflops(info: dict, precision: str, args) -> Optional[float]:
-    override = args.peak_bf16 if precision == "bf16" else args.peak_fp8
-    if override:
-        return override
-    for pattern, peaks in PEAKS:
-        if pattern in info["device"]:
-            return peaks[precision]
-    return None
-
-
-def transformer_impl(args, info: dict, precision: str) -> str:
-    if precision == "fp8" or args.impl == "transformer_engine":
-        return "transformer_engine"  # FP8 GEMMs are Transformer Engine kernels
-    if args.impl == "local":
-        return "local"
-    return "transformer_engine" if (info["cuda"] and te_reason(info) is None) else "local"
-
-
-# -- commands ----------------------------------------------------------------------------------
-
-def paths(args) -> dict:
-    work = Path(args.log_dir)
-    return {"work": work, "fixtures": work / "fixtures", "scorer": work / "fixtures" / "scorer",
-            "tokenizer": work / "fixtures" / "tok.model",
-            "heldout": work / "fixtures" / "heldout.jsonl", "sidecar": work / "sidecar" / "mock",
-            "ckpt": work / "ckpt-uniform", "eval": work / "eval-uniform"}
-
-
-def windows_setting(seq: int) -> tuple[int, int]:
-    """W and S of the windows row: windows of W = seq/2 + 1 tokens every S = seq/4 tile the
-    sample of seq + 1 tokens ((seq + 1 - W) divisible by S)."""
-    return seq // 2 + 1, seq // 4
-
-
-def base_flags(args) -> list[str]:
-    shape = MODELS[args.model].shape
-    return [*shape.flags(),
-            "--seq-length", str(args.seq_length), "--max-position-embeddings", str(args.seq_length),
-            "--micro-batch-size", "1", "--global-batch-size", str(args.global_batch_size),
-            "--train-iters", str(args.iters), "--lr", str(args.lr), "--min-lr", str(args.lr),
-            "--lr-decay-style", "constant", "--mock-data", "--tokenizer-type", "NullTokenizer",
-            "--vocab-size", str(shape.vocab_size), "--make-vocab-size-divisible-by", "128",
-            "--seed", "1234", "--log-interval", "1", "--log-throughput",
-            "--eval-iters", "0", "--eval-interval", "1000000", "--bf16"]
-
-
-def _substitute(flags: list[str], args) -> list[str]:
-    p = paths(args)
-    ww, ss = windows_setting(args.seq_length)
-    values = {"W": str(args.short_context), "WW": str(ww), "SS": str(ss),
-              "SCORER": str(p["scorer"]), "SIDECAR": str(p["sidecar"])}
-    return [values.get(f, f) for f in flags]
-
-
-def row_flags(row: str, args, info: dict) -> list[str]:
-    """The pretrain_tw.py flags of one pretrain row."""
-    precision, tw = ROWS[row]
-    flags = [*base_flags(args), "--transformer-impl", transformer_impl(args, info, precision),
-             *_substitute(tw, args)]
-    if precision == "fp8":
-        flags += ["--fp8-format", "hybrid", "--fp8-recipe", args.fp8_recipe]
-        if args.fp8_recipe == "delayed":
-            flags += ["--fp8-amax-history-len", "1024", "--fp8-amax-compute-algo", "max"]
-    if row == "uniform":  # its checkpoint is the evaluate row's model (weights only)
-        flags += ["--save", str(paths(args)["ckpt"]), "--save-interval", str(args.iters),
-                  "--ckpt-format", "torch_dist", "--no-save-optim", "--no-save-rng"]
-    return flags + extra_flags(args, row)
-
-
-def extra_flags(args, name: str) -> list[str]:
-    out = []
-    for target, flags in args.row_extra:
-        if target in (name, "all"):
-            out += flags
-    return out
-
-
-def row_command(row: str, args, info: dict) -> list[str]:
-    """One pretrain row: ``python benchmarks/gpu_check_train.py <flags>`` (one process; the
-    launcher is pretrain_tw.main with the host-sync counter)."""
-    return [sys.executable, str(BENCH / "gpu_check_train.py"), *row_flags(row, args, info)]
-
-
-def score_command(args, info: dict) -> list[str]:
-    """tools/score_data.py with the sparse row's own flags (the sidecar matches its samples)."""
-    flags = [f for f in row_flags("sparse-precomputed", args, info)]
-    i = flags.index("--tw-scorer")
-    del flags[i:i + 2]
-    return [sys.executable, str(ROOT / "tools" / "score_data.py"), *flags,
-            "--tw-scorer-load", str(paths(args)["scorer"]), "--no-progress",
-            *extra_flags(args, "score_data")]
-
-
-def eval_command(args, info: dict) -> list[str]:
-    p = paths(args)
-    length = min(args.ppl_length, args.seq_length)
-    return [sys.executable, str(ROOT / "tools" / "evaluate.py"), "--model", str(p["ckpt"]),
-            "--model-type", "megatron", "--tokenizer", str(p["tokenizer"]),
-            "--heldout", str(p["heldout"]), "--ppl-length", str(length),
-            "--ppl-sequences", "4", "--batch-size", "2",
-            "--dtype", "bfloat16" if info["cuda"] else "float32",
-            "--device", "cuda" if info["cuda"] else "cpu", "--out", str(p["eval"]),
-            *extra_flags(args, "evaluate")]
-
-
-def fixtures_command(args) -> list[str]:
-    shape = MODELS[args.model].shape
-    return [sys.executable, str(BENCH / "gpu_check_fixtures.py"), "--out",
-            str(paths(args)["fixtures"]), "--vocab", str(shape.vocab_size),
-            "--max-positions", str(max(args.seq_length, 2048))]
-
-
-def attention_command(args, info: dict, out: Path) -> list[str]:
-    a = attention_settings(args, info)
-    return [sys.executable, str(BENCH / "gpu_check_attention.py"),
-            "--device", "cuda" if info["cuda"] else "cpu", "--lengths", a["lengths"],
-            "--heads", str(a["heads"]), "--kv-groups", str(a["kv_groups"]),
-            "--head-dim", str(a["head_dim"]), "--window", str(a["window"]),
-            "--rows", str(args.attn_rows), "--out", str(out), *extra_flags(args, "attention")]
-
-
-def attention_settings(args, info: dict) -> dict:
-    cpu = not info["cuda"]  # small sizes on the CPU (--allow-cpu)
-    return {"lengths": args.attn_lengths or ("512,1024" if cpu else "16384,32768"),
-            "window": args.attn_window or (128 if cpu else 4096),
-            "heads": 4 if cpu else 8, "kv_groups": 2, "head_dim": 64 if cpu else 128}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def child_env(sync_debug: bool = False) -> dict:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1",
-           "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           # one process, no torchrun: the rendezvous torchrun would set
-           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    env.setdefault("OMP_NUM_THREADS", "1")
-    if sync_debug:
-        env["GPU_CHECK_SYNC_DEBUG"] = "1"
-    return env
-
-
-# -- logs --------------------------------------------------------------------------------------
-
-_ITERATION = re.compile(r"iteration\s+(\d+)/\s*\d+ \|(.*)")
-_FIELD = re.compile(r"([a-zA-Z][a-zA-Z0-9 ._/()-]*?):\s+([-+0-9.eEnaifNAIF]+)\s*\|")
-_STEP_MS = re.compile(r"elapsed time per iteration \(ms\):\s*([0-9.]+)")
-_PARAMS = re.compile(r"number of parameters on \([^)]*\) model parallel rank \([0, ]*\):\s*(\d+)")
-_PADDED_VOCAB = re.compile(r"padded vocab \(size: \d+\) with \d+ dummy tokens \(new size: (\d+)\)")
-_MAX_ALLOC = re.compile(r"max allocated:\s*([0-9.]+)")
-
-
-def parse_log(text: str, warmup: int) -> dict:
-    """From one run's console output: per-iteration lm loss and step time, the median step
-    time after ``warmup`` iterations, NaN iterations, host syncs per step, parameter count,
-    padded vocabulary and peak allocated memory (MB)."""
-    losses, steps, nan_iters = {}, {}, 0
-    syncs, pending, sync_on = {}, 0, False
-    for line in text.splitlines():
-        if SYNC_MESSAGE in line:
-            pending += 1
-            continue
-        if "sync debug mode: warn" in line:
-            sync_on, pending = True, 0
-            continue
-        m = _ITERATION.search(line)
-        if not m:
-            continue
-        it = int(m.group(1))
-        fields = {k.strip(): v for k, v in _FIELD.findall(m.group(2) + "|")}
-        if (t := _STEP_MS.search(m.group(2))):
-            steps[it] = float(t.group(1))
-        if "lm loss" in fields:
-            losses[it] = float(fields["lm loss"])
-        nan_iters = max(nan_iters, int(float(fields.get("number of nan iterations", 0))))
-        if sync_on:
-            syncs[it] = pending
-        pending = 0
-    kept = [ms for it, ms in sorted(steps.items()) if it > warmup]
-    found = lambda rx, cast: cast(m.group(1)) if (m := rx.search(text)) else None  # noqa: E731
-    timed_syncs = [n for it, n in sorted(syncs.items()) if it > 1]
-    return {"step_ms": statistics.median(kept) if kept else None, "steps": len(kept),
-            "step_times": [steps[i] for i in sorted(steps)],
-            "losses": [losses[i] for i in sorted(losses)], "nan_iterations": nan_iters,
-            "syncs": timed_syncs if sync_on else None,
-            "syncs_per_step": statistics.median(timed_syncs) if timed_syncs else
-            (0.0 if sync_on and syncs else None),
-            "params": found(_PARAMS, int), "padded_vocab": found(_PADDED_VOCAB, int),
-            "max_alloc_mb": max((float(x) for x in _MAX_ALLOC.findall(text)), default=None) or None}
-
-
-# The exception a failed process raised, or the start-up error a tool printed.
-_ERROR_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)?(?:[\w.]*(?:Error|Exception)|[\w_]+\.py: error): ")
-
-
-def error_line(output: str) -> str:
-    lines = [x.strip() for x in output.splitlines()
-             if _ERROR_LINE.match(x.strip()) and "ChildFailedError" not in x]
-    if lines:
-        return lines[-1]
-    tail = [x for x in output.strip().splitlines() if x.strip()]
-    return tail[-1].strip() if tail else "no output"
+# the sibling modules (benchmarks/ is on sys.path: this script's folder, or the tests' insert)
+from gpu_check_commands import (
+    ROOT,
+    ROWS,
+    attention_command,
+    attention_settings,
+    child_env,
+    eval_command,
+    fixtures_command,
+    paths,
+    row_command,
+    score_command,
+)
+from gpu_check_logs import error_line, parse_log
+from gpu_check_machine import (
+    MODELS,
+    flops_per_step,
+    fp8_recipe_support,
+    peak_tflops,
+    probe_machine,
+    te_reason,
+    total_params,
+    transformer_impl,
+)
+from gpu_check_report import SECTIONS, Row, pretrain_numbers, render
 
 
 # -- running -----------------------------------------------------------------------------------
-
-@dataclass
-class Row:
-    section: str
-    name: str
-    status: str = "ok"  # ok | failed | skipped | dry run
-    seconds: Optional[float] = None
-    numbers: str = ""
-    error: str = ""
-    data: dict = field(default_factory=dict)
-    order: float = 0  # place in its section of the table (steps may finish in any order)
-
-    def fail(self, why: str) -> "Row":
-        self.status, self.error = "failed", why
-        return self
-
-    def skip(self, why: str) -> "Row":
-        self.status, self.error = "skipped", why
-        return self
-
 
 class Runner:
     def __init__(self, args, info: dict):
@@ -702,34 +322,6 @@ def add_ratios(runner: Runner) -> None:
                 row.numbers = pretrain_numbers(row)
 
 
-def _g(value: float) -> str:
-    """Three significant digits for small numbers (tiny CPU runs), else one decimal."""
-    return format(value, ".3g") if abs(value) < 10 else format(value, ".1f")
-
-
-def pretrain_numbers(row: Row) -> str:
-    d = row.data
-    parts = []
-    if d.get("losses"):
-        parts.append(f"lm loss {d['losses'][0]:.4g} -> {d['losses'][-1]:.4g}")
-    if d.get("step_ms") is not None:
-        parts.append(f"step {_g(d['step_ms'])} ms")
-        parts.append(f"{d['tokens_per_s']:,.0f} tok/s")
-        parts.append(f"{_g(d['tflops'])} TFLOP/s")
-        parts.append(f"MFU {d['mfu']:.1%}" if d.get("mfu") is not None else "MFU -")
-    if d.get("vs_uniform") is not None:
-        parts.append(f"x{d['vs_uniform']:.3f} uniform")
-    if d.get("syncs_per_step") is not None:
-        parts.append(f"syncs/step {d['syncs_per_step']:g} ({d['syncs']})")
-    elif d.get("step_ms") is not None:
-        parts.append("syncs/step -")
-    if d.get("max_alloc_mb"):
-        parts.append(f"peak {d['max_alloc_mb'] / 1024:.1f} GiB")
-    if d.get("impl"):
-        parts.append(d["impl"])
-    return ", ".join(p for p in parts if p)
-
-
 def score_row(runner: Runner) -> Row:
     args, info = runner.args, runner.info
     row = Row("pretrain", "score_data (sidecar for sparse-precomputed)",
@@ -777,46 +369,6 @@ def evaluate_row(runner: Runner) -> Row:
         except (OSError, KeyError, ValueError) as err:
             row.fail(f"no results.json with a perplexity: {err}")
     return runner.add(row)
-
-
-# -- the table ---------------------------------------------------------------------------------
-
-def _cell(text) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def render(rows: list[Row], args, info: dict) -> str:
-    shape = MODELS[args.model].shape
-    ww, ss = windows_setting(args.seq_length)
-    vocab = next((r.data["padded_vocab"] for r in rows if r.data.get("padded_vocab")),
-                 shape.vocab_size)
-    lines = [f"# GPU check: {info['device']}, model {args.model} "
-             f"({total_params(shape, vocab) / 1e6:,.1f}M parameters), seq {args.seq_length}, "
-             f"global batch {args.global_batch_size}, {args.iters} iterations "
-             f"(step time: median after {args.warmup})", "",
-             f"- pretrain: bf16, one process, --mock-data, lr {args.lr:g}; sliding rows W = "
-             f"{args.short_context}, windows row W = {ww} S = {ss}; FP8 hybrid/{args.fp8_recipe}",
-             "- TFLOP/s = (6 N T + 6 L s d_attn T) / step time, "
-             f"N = {matmul_params(shape, vocab):,}, "
-             f"T = {args.global_batch_size * args.seq_length:,} tokens per step; MFU against the "
-             "dense peak; syncs/step from torch.cuda.set_sync_debug_mode(\"warn\") after "
-             "iteration 1", "",
-             "| section | name | status | time (s) | numbers | error |",
-             "|---|---|---|---|---|---|"]
-    order = {s: i for i, s in enumerate(SECTIONS)}
-    for r in sorted(rows, key=lambda r: (order[r.section], r.order)):
-        secs = "-" if r.seconds is None else f"{r.seconds:.1f}"
-        lines.append(f"| {r.section} | {_cell(r.name)} | {r.status} | {secs} | "
-                     f"{_cell(r.numbers or '-')} | {_cell(r.error or '')} |")
-    for r in rows:
-        if (r.data.get("params") is not None
-                and r.data["params"] != r.data.get("params_formula")):
-            lines.append(f"\nwarning: {r.name}: megatron reports {r.data['params']:,} "
-                         f"parameters, the FLOP formula assumes {r.data['params_formula']:,}")
-    for r in rows:
-        if "command" in r.data:
-            lines.append(f"\n{r.section} / {r.name}:\n    " + shlex.join(r.data["command"]))
-    return "\n".join(lines) + "\n"
 
 
 def parse_args(argv=None) -> argparse.Namespace:

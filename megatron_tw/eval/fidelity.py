@@ -26,26 +26,43 @@ Everything here is an independent implementation: Hugging Face transformers in f
 attention, every variant through an explicit 4D additive mask. With ``project_scorer`` the
 project's own frozen scorer (megatron, ``--tw-scorer frozen``, both modes) runs on the same
 sequences, and its losses are compared with the HF variant it implements.
+
+The parts: megatron_tw/eval/fidelity_hf.py (the HF variants' losses),
+megatron_tw/eval/fidelity_project.py (the project's scorer), megatron_tw/eval/fidelity_stats.py
+(rank statistics, long-range repeats); this module: the configuration and its checks, the
+sequences and sampled positions, the measurement and its table.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
-import math
 import os
 import random
-import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
 
+from megatron_tw.eval.fidelity_hf import (
+    exact_losses,
+    full_pass_losses,
+    load_hf_model,
+    visible_causal,
+    visible_sliding,
+    windows_losses,
+)
+from megatron_tw.eval.fidelity_project import PROJECT_MODES, project_losses
+from megatron_tw.eval.fidelity_stats import rankdata  # noqa: F401  (re-exported for the tests)
+from megatron_tw.eval.fidelity_stats import (
+    long_range_repeats,
+    spearman,
+    token_texts,
+    top_indices,
+    top_overlap,
+)
+
 VARIANTS = ("exact", "windows", "sliding", "sliding+sink")
-# the project's modes and the HF variant each one implements
-PROJECT_MODES = {"sliding": "sliding+sink", "windows": "windows"}
-TOP_SHARE = 0.25  # the "top quarter" by |d| (the sparse preset's default kappa)
 
 
 class FidelityError(ValueError):
@@ -161,279 +178,6 @@ def sample_positions(cfg: FidelityConfig) -> list[list[int]]:
     for i in range(cfg.sequences):
         rng = random.Random(cfg.seed * 1_000_003 + i)
         out.append(sorted(rng.sample(range(cfg.window, cfg.seq_length - 1), cfg.positions)))
-    return out
-
-
-def token_texts(tokenizer, ids: Sequence[int], context: int = 8) -> list[str]:
-    """The text each token adds when decoding left to right (decoded with a few tokens before it,
-    so SentencePiece's leading spaces and multi-byte characters come out right)."""
-    out = []
-    for i in range(len(ids)):
-        a = max(0, i - context)
-        before, upto = tokenizer.decode(ids[a:i]), tokenizer.decode(ids[a:i + 1])
-        out.append(upto[len(before):] if upto.startswith(before) else tokenizer.decode([ids[i]]))
-    return out
-
-
-# -- statistics --------------------------------------------------------------------------------
-# Written here rather than imported: scipy is not a dependency of the project (nor installed in
-# its environment), and the two functions below are all the measurement needs.
-
-def rankdata(x: Sequence[float]) -> list[float]:
-    """Ranks 1..n, ties given their average rank (scipy.stats.rankdata's default)."""
-    order = sorted(range(len(x)), key=lambda i: x[i])
-    ranks = [0.0] * len(x)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman's rank correlation: the Pearson correlation of the (tie-averaged) ranks."""
-    if len(a) != len(b) or len(a) < 2:
-        raise ValueError("spearman needs two sequences of the same length >= 2")
-    ra, rb = torch.tensor(rankdata(a), dtype=torch.float64), torch.tensor(rankdata(b),
-                                                                         dtype=torch.float64)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = math.sqrt(float((ra * ra).sum()) * float((rb * rb).sum()))
-    return float((ra * rb).sum()) / denom if denom > 0 else float("nan")
-
-
-def top_indices(score: Sequence[float], share: float = TOP_SHARE) -> set[int]:
-    """The floor(share x n) (at least 1) highest scores; ties broken by the lower index."""
-    k = max(1, int(share * len(score)))
-    return set(sorted(range(len(score)), key=lambda i: (-score[i], i))[:k])
-
-
-def top_overlap(a: Sequence[float], b: Sequence[float], share: float = TOP_SHARE) -> float:
-    ta, tb = top_indices(a, share), top_indices(b, share)
-    return len(ta & tb) / len(ta)
-
-
-# -- long-range repeats ------------------------------------------------------------------------
-
-_EDGE_PUNCT = re.compile(r"^[\W_]+|[\W_]+$")
-
-
-def long_range_repeats(texts: Sequence[str], window: int) -> list[bool]:
-    """Per token t of a sequence (``texts``: what each token adds to the text), whether its word
-    is a long-range repeat: the same word occurred earlier in the sequence, but only outside the
-    target's short context.
-
-    Precisely: words are maximal runs of non-whitespace characters of the decoded sequence,
-    compared lowercased with punctuation stripped from both ends ("Elliot," = "elliot"; a word of
-    punctuation only is no word). Token t belongs to the word holding its first non-whitespace
-    character (a token of whitespace only belongs to none: False). The short context of target t
-    is tokens t - W + 1 .. t - 1 (and the sink, token 0, the lead token, which has no word). The
-    word is a long-range repeat when an earlier occurrence of it ends before token t - W + 1 and
-    no earlier occurrence has a token within t - W + 1 .. t - 1.
-    """
-    starts, text = [], []
-    n = 0
-    for piece in texts:
-        starts.append(n)
-        text.append(piece)
-        n += len(piece)
-    text = "".join(text)
-    char_token = [0] * len(text)
-    for t, piece in enumerate(texts):
-        for c in range(starts[t], starts[t] + len(piece)):
-            char_token[c] = t
-    words = [(m.start(), m.end(), _EDGE_PUNCT.sub("", m.group()).lower())
-             for m in re.finditer(r"\S+", text)]
-    word_at = [-1] * len(text)
-    for j, (a, b, _) in enumerate(words):
-        for c in range(a, b):
-            word_at[c] = j
-    last_token = [char_token[b - 1] for a, b, _ in words]
-    earlier: dict[str, list[int]] = {}
-    prev_occurrences = []  # per word j: indices of earlier words of the same form
-    for j, (_, _, form) in enumerate(words):
-        prev_occurrences.append(list(earlier.get(form, ())) if form else [])
-        if form:
-            earlier.setdefault(form, []).append(j)
-    flags = []
-    for t, piece in enumerate(texts):
-        offset = len(piece) - len(piece.lstrip())
-        if offset == len(piece):
-            flags.append(False)
-            continue
-        j = word_at[starts[t] + offset]
-        window_start = t - window + 1
-        prev = prev_occurrences[j]
-        far = any(last_token[i] < window_start for i in prev)
-        near = any(last_token[i] >= window_start for i in prev)
-        flags.append(far and not near)
-    return flags
-
-
-# -- Hugging Face forward passes ---------------------------------------------------------------
-
-def visible_sliding(length: int, window: int, sink: bool) -> torch.Tensor:
-    """[L, L] bool: query p sees keys p - W + 2 .. p (and key 0 with the sink)."""
-    q, k = torch.arange(length)[:, None], torch.arange(length)[None, :]
-    seen = (k <= q) & (k >= q - (window - 2))
-    return seen | ((k == 0) & sink)
-
-
-def visible_causal(length: int) -> torch.Tensor:
-    return torch.ones(length, length, dtype=torch.bool).tril()
-
-
-def hf_losses(model, ids: torch.Tensor, labels: torch.Tensor, visible: torch.Tensor,
-              last: Optional[int] = None) -> torch.Tensor:
-    """Per-position cross-entropy [b, L] (or of the last ``last`` positions) in float32, with
-    ``visible`` [L, L] (True: query may attend key) as a 4D additive mask (eager attention)."""
-    device = model.device
-    bias = torch.zeros(visible.shape, dtype=torch.float32, device=device)
-    bias = bias.masked_fill(~visible.to(device), torch.finfo(torch.float32).min)
-    mask = bias[None, None].expand(ids.shape[0], 1, -1, -1)
-    logits = model(input_ids=ids.to(device), attention_mask=mask, use_cache=False,
-                   logits_to_keep=last or 0).logits.float()
-    target = (labels if last is None else labels[:, -last:]).to(device)
-    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-    return losses.cpu()
-
-
-def load_hf_model(path: str):
-    from transformers import AutoModelForCausalLM
-
-    from megatron_tw.eval.backends import _unpatched_torch_factories
-
-    with _unpatched_torch_factories():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                     attn_implementation="eager",
-                                                     local_files_only=True)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.to("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@torch.no_grad()
-def exact_losses(model, row: torch.Tensor, positions: Sequence[int], window: int, lead: int,
-                 batch_size: int = 16) -> torch.Tensor:
-    """[len(positions)]: the target of position p given [lead] + tokens[p - W + 2 .. p] only."""
-    out = []
-    causal = visible_causal(window)
-    for i in range(0, len(positions), batch_size):
-        chunk = positions[i:i + batch_size]
-        ids = torch.stack([torch.cat([torch.tensor([lead]), row[p - window + 2:p + 1]])
-                           for p in chunk])
-        labels = torch.stack([row[p + 1:p + 2] for p in chunk])
-        out.append(hf_losses(model, ids, torch.cat([ids[:, 1:], labels], 1), causal, last=1)[:, 0])
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def windows_losses(model, row: torch.Tensor, window: int, stride: int, lead: int,
-                   batch_size: int = 16) -> torch.Tensor:
-    """[T - 1]: every position's loss from the window that supplies it (reference windows)."""
-    T = row.shape[0]
-    starts = list(range(0, T - window + 1, stride))
-    out = torch.empty(T - 1)
-    causal = visible_causal(window - 1)
-    for i in range(0, len(starts), batch_size):
-        chunk = starts[i:i + batch_size]
-        ids = torch.stack([row[s:s + window - 1] for s in chunk]).clone()
-        labels = torch.stack([row[s + 1:s + window] for s in chunk])
-        ids[:, 0] = lead
-        losses = hf_losses(model, ids, labels, causal)
-        for j, s in enumerate(chunk):
-            keep = 0 if s == 0 else window - 1 - stride  # window 0: all; later: the last S
-            out[s + keep:s + window - 1] = losses[j, keep:]
-    return out
-
-
-@torch.no_grad()
-def full_pass_losses(model, row: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """[T - 1]: one pass over the whole sequence (global positions) with ``visible``."""
-    return hf_losses(model, row[None, :-1], row[None, 1:], visible)[0]
-
-
-# -- the project's frozen scorer ---------------------------------------------------------------
-
-@contextlib.contextmanager
-def _project_megatron():
-    """A one-process megatron (gloo, TP = PP = CP = 1) for the frozen scorer; forgets, on exit,
-    the single-rank group cached for a process group it destroyed."""
-    import torch.distributed as dist
-
-    from megatron_tw.checkpoint.megatron_io import single_process_megatron
-    from megatron_tw.runtime import groups
-
-    fresh = not dist.is_initialized()
-    saved = groups._SINGLE_RANK_GROUP
-    if fresh:
-        groups._SINGLE_RANK_GROUP = None
-    try:
-        with single_process_megatron():
-            yield
-    finally:
-        if fresh:
-            groups._SINGLE_RANK_GROUP = saved
-
-
-def project_scorer_flags(cfg: FidelityConfig, scorer_path: str, hf_dir: str, vocab: int,
-                         mode: str) -> list[str]:
-    """The flags of a one-process run whose frozen scorer is ``scorer_path`` (its own
-    architecture from its HF config or checkpoint), at megatron seq_length = seq_length - 1."""
-    from megatron_tw.checkpoint.families import megatron_args_from_hf_config
-    from megatron_tw.checkpoint.hf_io import read_hf_config
-
-    flags = megatron_args_from_hf_config(read_hf_config(hf_dir))
-    flags += ["--seq-length", str(cfg.seq_length - 1), "--micro-batch-size", "1",
-              "--tokenizer-type", "NullTokenizer", "--vocab-size", str(vocab), "--mock-data",
-              "--train-iters", "1", "--attention-dropout", "0", "--hidden-dropout", "0",
-              "--tw-preset", "dense", "--tw-scorer", "frozen", "--tw-scorer-load", scorer_path,
-              "--tw-short-context", str(cfg.window), "--tw-short-mode", mode]
-    if mode == "windows":
-        flags += ["--tw-short-stride", str(cfg.S)]
-    i = flags.index("--max-position-embeddings")
-    flags[i + 1] = str(max(int(flags[i + 1]), cfg.seq_length))
-    return flags
-
-
-def project_losses(cfg: FidelityConfig, rows: torch.Tensor, scorer_path: str, hf_dir: str,
-                   vocab: int, lead: int, padded_vocab: Optional[int] = None,
-                   log: Callable[[str], None] = print,
-                   probe_ids: Optional[list] = None) -> dict[str, torch.Tensor]:
-    """{mode: [n, T - 1]} short-context losses of the project's frozen scorer
-    (``SCORERS["frozen"]``, set up as tools/score_data.py does) in both modes. ``probe_ids``:
-    the tokenizer's ids of ``frozen.TOKENIZER_PROBE``, checked against an HF scorer's own."""
-    from megatron_tw.arguments import parse_and_validate_args
-    from megatron_tw.scoring.scorers import SCORERS
-
-    out = {}
-    with _project_megatron(), torch.no_grad():
-        for mode in PROJECT_MODES:
-            with contextlib.redirect_stdout(io.StringIO()):  # megatron's argument dump
-                args = parse_and_validate_args(
-                    project_scorer_flags(cfg, scorer_path, hf_dir, vocab, mode), set_globals=False)
-            if padded_vocab is not None:
-                args.padded_vocab_size = padded_vocab  # the trainee's: the scorer's own here
-            scorer = SCORERS["frozen"](args, bos_id=lead, vocab_size=vocab, probe_ids=probe_ids)
-            scorer.setup(None)
-            device = next(scorer.model.parameters()).device
-            losses = []
-            for row in rows:
-                tokens, labels = row[None, :-1].to(device), row[None, 1:].to(device)
-                batch = {"tokens": tokens, "labels": labels, "tokens_full": tokens,
-                         "labels_full": labels,
-                         "position_ids": torch.arange(tokens.shape[1], device=device)[None]}
-                short, same_as_long = scorer.short_losses(batch)
-                if same_as_long.any():  # a frozen scorer scores every position
-                    raise RuntimeError(f"the project's {mode} scorer left positions unscored")
-                losses.append(short[0].float().cpu())
-            log(f"project scorer ({mode}): {len(rows)} sequences")
-            out[mode] = torch.stack(losses)
-            scorer.model = None
     return out
 
 
