@@ -9,7 +9,8 @@ Steps (each skipped when its output exists, so an interrupted study resumes):
   1. data: the built-in corpus (data/demo) with planted key-value records
      (megatron_tw/data/planted.py): phase-1 documents whose records recur within W, half of
      them random-word drills (one long record in random alphabet words); extension documents of
-     4W tokens whose records recur 10..4W-11 tokens later (most beyond W), with random-word
+     4W tokens whose records recur 10..4W-11 tokens later (most beyond W; with the
+     extend_near_share setting above 0, that share within W and the rest beyond), with random-word
      drills of 4W tokens mixed in when the extend_drill_share setting is above 0; held-out
      documents of both lengths from the held-out novel with fresh values.
   2. phase 1: (a) the copying drill at 32 tokens, where an induction head forms; (b) natural
