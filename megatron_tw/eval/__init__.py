@@ -16,4 +16,9 @@ Files (one concern each):
     report.py           results JSON, markdown tables, PNG plots, multi-model comparison
     run.py              one evaluation run (what tools/evaluate.py calls)
     token_view.py       per-token losses and weights rendered as HTML/PNG (tools/visualize_weights.py)
+    fidelity.py         short-context scores against an exact reference (tools/score_fidelity.py);
+                        its rank statistics in fidelity_stats.py, the HF reference losses in
+                        fidelity_hf.py, the project's frozen scorer in fidelity_project.py
+    planted.py          metrics of planted key-value records (loss beyond/within W, retrieval)
+    study.py            evaluation of tools/long_range_study.py's runs
 """
