@@ -60,7 +60,7 @@ SCORERS = ("frozen", "self")
 # enough for three seeds. With 512 alphabet words a value rarely repeats by chance within a
 # document; with 128 it often did, which makes a one-token match ambiguous.
 FULL = dict(
-    short=64, layers=2, hidden=128, ffn=352, heads=4, groups=2,
+    short=64, layers=2, hidden=128, ffn=352, heads=4, groups=2, rotary_percent=1.0,
     drill_length=32, drill_value_length=12, drill_iters=5000, drill_batch=32, drill_micro=16,
     drill_lr=2e-3,
     pretrain_iters=1500, pretrain_batch=32, pretrain_micro=16, pretrain_lr=1e-3,
@@ -214,7 +214,8 @@ class Study:
         return ["--num-layers", str(c["layers"]), "--hidden-size", str(c["hidden"]),
                 "--ffn-hidden-size", str(c["ffn"]), "--num-attention-heads", str(c["heads"]),
                 "--group-query-attention", "--num-query-groups", str(c["groups"]),
-                "--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu",
+                "--position-embedding-type", "rope", "--rotary-percent", str(c["rotary_percent"]),
+                "--normalization", "RMSNorm", "--swiglu",
                 "--disable-bias-linear", "--untie-embeddings-and-output-weights",
                 "--attention-dropout", "0", "--hidden-dropout", "0",
                 "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", self.tokenizer,
