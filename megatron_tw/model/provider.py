@@ -40,6 +40,8 @@ def build_gpt_model(args: Namespace, config: TransformerConfig, *, pre_process: 
         position_embedding_type=args.position_embedding_type,
         rotary_percent=args.rotary_percent,
         rotary_base=args.rotary_base,
+        # --rotary-seq-len-interpolation-factor: linear position interpolation (positions / F)
+        seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
         rope_scaling=args.use_rope_scaling,
         rope_scaling_factor=args.rope_scaling_factor,
         pg_collection=pg_collection,

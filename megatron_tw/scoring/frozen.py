@@ -34,7 +34,8 @@ def _architecture_fields() -> set[str]:
     own = {n for n in own if n not in run and not n.startswith(("fp8", "fp4", "recompute",
                                                                    "cuda_graph", "cpu_offloading"))}
     return own | {"position_embedding_type", "rotary_base", "rotary_percent", "use_rope_scaling",
-                  "rope_scaling_factor", "untie_embeddings_and_output_weights",
+                  "rope_scaling_factor", "rotary_seq_len_interpolation_factor",
+                  "untie_embeddings_and_output_weights",
                   "max_position_embeddings", "swiglu", "group_query_attention", "norm_epsilon",
                   "layernorm_epsilon", "add_qkv_bias", "add_bias_linear"}
 

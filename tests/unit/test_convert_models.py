@@ -40,9 +40,10 @@ def megatron_logits(model, tokens, vocab):
         return model(tokens, pos, None)[..., :vocab]
 
 
-def reference_logits(state, config, tokens):
+def reference_logits(state, config, tokens, interpolation=1.0):
     """Llama-family forward in float64 from the formulas (RMSNorm, rotate-half RoPE with optional
-    llama3 frequency scaling, causal grouped-query attention, SwiGLU), on HF-named weights."""
+    llama3 frequency scaling or linear position interpolation (positions / ``interpolation``),
+    causal grouped-query attention, SwiGLU), on HF-named weights."""
     sd = {k: v.double() for k, v in state.items()}
     spec = spec_from_hf_config(config)
     nh, ng, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
@@ -56,7 +57,7 @@ def reference_logits(state, config, tokens):
         wl = 2 * math.pi / inv
         smooth = ((8192 / wl - 1) / 3).clamp(0, 1)
         inv = (1 - smooth) * inv / spec.rope_scaling_factor + smooth * inv
-    angles = torch.arange(s, dtype=torch.float64)[:, None] * inv[None]
+    angles = (torch.arange(s, dtype=torch.float64) / interpolation)[:, None] * inv[None]
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
 
     def rope(x):  # x [b, heads, s, d]
@@ -99,6 +100,20 @@ def test_logits_match_hf_and_reference(case):
     torch.testing.assert_close(hf_logits, ref, rtol=0, atol=1e-4)   # the reference is right
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
     assert (ours - ref).abs().max() < 1e-4 and ref.std() > 0.1
+
+
+def test_position_interpolation_factor_divides_the_positions():
+    """--rotary-seq-len-interpolation-factor 4 reaches the model: its logits equal the float64
+    reference at positions / 4 (and differ from the ones at unscaled positions)."""
+    hf = make_hf_model("llama-gqa2-tied")
+    model = build_megatron(hf.config, extra=("--rotary-seq-len-interpolation-factor", "4"))
+    load_hf_into_megatron(model, hf.state_dict(), hf.config)
+    tokens = sample_tokens(hf.config.vocab_size)
+    ref = reference_logits(hf.state_dict(), hf.config, tokens, interpolation=4.0)
+    ours = megatron_logits(model, tokens, hf.config.vocab_size).double()
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
+    plain = reference_logits(hf.state_dict(), hf.config, tokens)
+    assert (plain - ref).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("case", list(CASES))
