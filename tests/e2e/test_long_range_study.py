@@ -41,11 +41,14 @@ def test_print_commands_lists_every_launch(tmp_path):
 def test_presets_restrict_phase_two_and_extension_drills_reach_the_builder(tmp_path):
     proc = _study(["--quick", "--print-commands", "--presets", "uniform,sparse", "--set",
                    "extend_drill_share=0.5", "--set", "extend_near_share=0.75", "--set",
-                   "rotary_percent=0.5", "--out", str(tmp_path / "s")])
+                   "rotary_percent=0.5", "--set", "extend_interpolation=4", "--out",
+                   str(tmp_path / "s")])
     assert proc.returncode == 0, proc.stdout
     launches = [l for l in proc.stdout.splitlines() if "torch.distributed.run" in l]
     assert len(launches) == 6  # drill, 1b, the frozen scores, three phase-2 runs
     assert all("--rotary-percent 0.5 " in l for l in launches)  # partial RoPE in every model
+    factor = "--rotary-seq-len-interpolation-factor 4.0 "
+    assert [factor in l for l in launches] == [False, False, True, True, True, True]  # phase 2
     runs = [l for l in proc.stdout.splitlines() if "pretrain_tw.py" in l][2:]
     assert len(runs) == 3  # uniform, sparse frozen, sparse self
     assert sum("--tw-preset uniform" in l for l in runs) == 1
