@@ -67,7 +67,7 @@ FULL = dict(
     pretrain_records=1, extend_records=4, value_length=8, alphabet=512, drill_share=0.85,
     pretrain_drill_share=0.5,
     extend_drill_share=0.0, extend_drill_records=4, extend_near_share=0.0,
-    extend_rotary_base=40000, extend_interpolation=1.0, extend_iters=100, extend_batch=16,
+    extend_rotary_base=40000, extend_interpolation=1, extend_iters=100, extend_batch=16,
     extend_micro=8, extend_lr=1e-3,
     curve_points=4,
     seeds=(1, 2, 3), heldout_docs=128, natural_sequences=256, min_copy_gap=1.0,
@@ -309,7 +309,7 @@ class Study:
         c = self.cfg
         iters = c["extend_iters"]
         interpolation = []  # linear position interpolation: 4W positions into the trained W
-        if c["extend_interpolation"] != 1.0:
+        if c["extend_interpolation"] != 1:
             interpolation = ["--rotary-seq-len-interpolation-factor",
                              str(c["extend_interpolation"])]
         return [*self.model_flags(), "--data-path", self.path("data", "extend"),

@@ -47,7 +47,7 @@ def test_presets_restrict_phase_two_and_extension_drills_reach_the_builder(tmp_p
     launches = [l for l in proc.stdout.splitlines() if "torch.distributed.run" in l]
     assert len(launches) == 6  # drill, 1b, the frozen scores, three phase-2 runs
     assert all("--rotary-percent 0.5 " in l for l in launches)  # partial RoPE in every model
-    factor = "--rotary-seq-len-interpolation-factor 4.0 "
+    factor = "--rotary-seq-len-interpolation-factor 4 "
     assert [factor in l for l in launches] == [False, False, True, True, True, True]  # phase 2
     runs = [l for l in proc.stdout.splitlines() if "pretrain_tw.py" in l][2:]
     assert len(runs) == 3  # uniform, sparse frozen, sparse self
