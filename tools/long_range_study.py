@@ -61,10 +61,11 @@ SCORERS = ("frozen", "self")
 # document; with 128 it often did, which makes a one-token match ambiguous.
 FULL = dict(
     short=64, layers=2, hidden=128, ffn=352, heads=4, groups=2, rotary_percent=1.0,
+    rotary_base=10000,
     drill_length=32, drill_value_length=12, drill_iters=5000, drill_batch=32, drill_micro=16,
     drill_lr=2e-3,
     pretrain_iters=1500, pretrain_batch=32, pretrain_micro=16, pretrain_lr=1e-3,
-    pretrain_records=1, extend_records=4, value_length=8, alphabet=512, drill_share=0.85,
+    pretrain_records=1, pretrain_length=0, extend_records=4, value_length=8, alphabet=512, drill_share=0.85,
     pretrain_drill_share=0.5,
     extend_drill_share=0.0, extend_drill_records=4, extend_near_share=0.0,
     extend_rotary_base=40000, extend_interpolation=1, extend_iters=100, extend_batch=16,
@@ -166,14 +167,22 @@ class Study:
         if c["extend_drill_share"] > 0:  # drills at 4W, their records recurring up to 4W back
             extend_drill = Drill(c["extend_drill_share"], c["extend_drill_records"],
                                  c["value_length"], *far)
+        pretrain_length = c["pretrain_length"] or c["short"]
+        if pretrain_length < c["short"]:
+            raise SystemExit(f"long_range_study.py: --set pretrain_length={pretrain_length}: "
+                             f"expected 0 (W) or at least W = {c['short']} tokens")
+        pretrain_drill = Drill(c["pretrain_drill_share"], None, None, None, None)
+        if pretrain_length > c["short"]:  # longer sequences, every dependency still within W
+            pretrain_drill = Drill(c["pretrain_drill_share"], c["pretrain_records"],
+                                   c["value_length"], *near)
         self.sets = {
             "drill": DocSet("train", c["drill_length"], 1, quarter, c["drill_length"] - quarter - 1,
                             c["drill_iters"] * c["drill_batch"], 10, quarter - 2,
                             Drill(c["drill_share"], None, c["drill_value_length"], drill_record,
                                   c["drill_length"] - drill_record)),
-            "pretrain": DocSet("train", c["short"], c["pretrain_records"], *near,
+            "pretrain": DocSet("train", pretrain_length, c["pretrain_records"], *near,
                                c["pretrain_iters"] * c["pretrain_batch"], 11, c["value_length"],
-                               Drill(c["pretrain_drill_share"], None, None, None, None)),
+                               pretrain_drill),
             "extend": DocSet("train", self.long, c["extend_records"], *far,
                              c["extend_iters"] * c["extend_batch"], 12, c["value_length"],
                              extend_drill, c["extend_near_share"], c["short"] - 1),
@@ -268,7 +277,7 @@ class Study:
         iters, length = c[f"{key}_iters"], self.sets[part].length
         flags = [*self.model_flags(), "--data-path", self.path("data", part),
                  "--seq-length", str(length), "--max-position-embeddings", str(length),
-                 "--rotary-base", "10000", "--seed", "1234",
+                 "--rotary-base", str(c["rotary_base"]), "--seed", "1234",
                  "--micro-batch-size", str(c[f"{key}_micro"]),
                  "--global-batch-size", str(c[f"{key}_batch"]),
                  "--train-iters", str(iters), "--lr", str(c[f"{key}_lr"]),
@@ -282,7 +291,9 @@ class Study:
 
     def pretrain(self) -> None:
         for part, what in (("drill", f"the copying drill at {self.cfg['drill_length']} tokens"),
-                           ("pretrain", f"natural text with records at {self.cfg['short']} tokens")):
+                           ("pretrain", f"natural text with records within W = "
+                                        f"{self.cfg['short']}, {self.sets['pretrain'].length}-"
+                                        "token sequences")):
             if self.done(part):
                 continue
             self.stamp(f"phase 1{'a' if part == 'drill' else 'b'}: {what}")

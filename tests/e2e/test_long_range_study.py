@@ -68,6 +68,31 @@ def test_presets_restrict_phase_two_and_extension_drills_reach_the_builder(tmp_p
     assert bad.returncode == 2 and "--presets unifrm: expected names from" in bad.stdout
 
 
+def test_phase_one_length_and_rope_base_reach_the_launches(tmp_path):
+    proc = _study(["--quick", "--print-commands", "--presets", "uniform", "--set",
+                   "pretrain_length=256", "--set", "pretrain_records=4", "--set",
+                   "rotary_base=1000000", "--set", "extend_rotary_base=500000", "--out",
+                   str(tmp_path / "s")])
+    assert proc.returncode == 0, proc.stdout
+    lines = proc.stdout.splitlines()
+    drill, natural, extend = [l for l in lines if "pretrain_tw.py" in l]
+    assert "--seq-length 32 " in drill and "--seq-length 256 " in natural
+    assert "--rotary-base 1000000 " in drill and "--rotary-base 1000000 " in natural
+    assert "--rotary-base 500000 " in extend
+    build = [l for l in lines if "build_planted_data.py" in l and "/data/pretrain " in l][0]
+    # 256-token phase-1b documents whose records and drills all recur within W = 64
+    assert "--length 256 --records 4 " in build
+    assert "--min-distance 10 --max-distance 53 " in build
+    assert "--drill-records 4 --drill-value-length 8 --drill-min-distance 10 " \
+        "--drill-max-distance 53" in build
+    gate = [l for l in lines if "build_planted_data.py" in l and "/data/heldout_short " in l][0]
+    assert "--length 64 " in gate  # the copy gate stays at W
+    short = _study(["--quick", "--print-commands", "--set", "pretrain_length=32", "--out",
+                    str(tmp_path / "b")])
+    assert short.returncode == 1 and "--set pretrain_length=32: expected 0 (W) or at least " \
+        "W = 64 tokens" in short.stdout and "Traceback" not in short.stdout
+
+
 def test_bad_override_is_one_line(tmp_path):
     proc = _study(["--set", "extend_iterz=3", "--print-commands", "--out", str(tmp_path)])
     assert proc.returncode == 2
