@@ -14,7 +14,8 @@ Steps (each skipped when its output exists, so an interrupted study resumes):
      drills of 4W tokens mixed in when the extend_drill_share setting is above 0; held-out
      documents of both lengths from the held-out novel with fresh values.
   2. phase 1: (a) the copying drill at 32 tokens, where an induction head forms; (b) natural
-     text with records at W from (a)'s weights. Then a gate: the held-out loss of a record's
+     text with records at W from (a)'s weights (with the pretrain_length setting above W:
+     longer sequences whose records and drills all recur within W). Then a gate: the held-out loss of a record's
      recurrence must be far below the loss of its first occurrence (the gap is reported, and
      the study stops when it is under the min_copy_gap setting, in nats).
   3. frozen scores: the phase-1 model's sliding-window short-context losses of every extension

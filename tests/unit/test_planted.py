@@ -323,3 +323,29 @@ def test_near_share_splits_the_distances_at_near_max_distance():
                 dict(near_share=0.5, near_max_distance=245)):
         with pytest.raises(ValueError, match="near"):
             dataclasses.replace(base, **bad).validate()
+
+
+def test_study_summary_aggregates_seeds_and_shows_the_no_copy_reference():
+    from megatron_tw.eval.study import aggregate, render_summary
+
+    def final(far, first):
+        return {"dependent_far": far, "dependent_near": 5.0, "first": first, "natural": 7.0,
+                "short_ppl": 1000.0, "retrieval_far": 0.25}
+
+    runs = {f"uniform_s{s}": {"preset": "uniform", "scorer": "", "seed": s,
+                              "final": final(far, first)}
+            for s, far, first in ((1, 6.0, 6.3), (2, 6.2, 6.1))}
+    base = dict(final(8.7, 6.9), tokens={"records": 4, "dependent_far": 24,
+                                        "dependent_near": 8, "natural": 100})
+    results = {"base": base, "runs": runs, "long": 256}
+    results["table"] = aggregate(results)
+    mean, std, n = results["table"]["uniform"]["first"]
+    # sample std of (6.3, 6.1): 0.1 * sqrt(2)
+    assert (mean, n) == (pytest.approx(6.2), 2) and std == pytest.approx(0.1 * 2 ** 0.5)
+    text = render_summary(results, short=64)
+    header, _, base_row, row = [l for l in text.splitlines() if l.startswith("|")][:4]
+    assert header.split("|")[4].strip() == "first occurrence"
+    assert base_row.split("|")[4].strip() == "6.900"
+    # mean ± sample std over the two seeds: far (6.0, 6.2), first (6.3, 6.1)
+    assert row.split("|")[1:4] == [" uniform ", " 6.100 ± 0.141 ", " 5.000 ± 0.000 "]
+    assert row.split("|")[4].strip() == "6.200 ± 0.141"
