@@ -15,9 +15,9 @@ Steps (each skipped when its output exists, so an interrupted study resumes):
      documents of both lengths from the held-out novel with fresh values.
   2. phase 1: (a) the copying drill at 32 tokens, where an induction head forms; (b) natural
      text with records at W from (a)'s weights (with the pretrain_length setting above W:
-     longer sequences whose records and drills all recur within W). Then a gate: the held-out loss of a record's
-     recurrence must be far below the loss of its first occurrence (the gap is reported, and
-     the study stops when it is under the min_copy_gap setting, in nats).
+     longer sequences whose records and drills all recur within W). Then a gate: the held-out
+     loss of a record's recurrence must be far below the loss of its first occurrence (the gap
+     is reported, and the study stops when it is under the min_copy_gap setting, in nats).
   3. frozen scores: the phase-1 model's sliding-window short-context losses of every extension
      sample, offline (tools/score_data.py), once per seed.
   4. phase 2: extend to 4W from the phase-1 model with uniform, dense, sparse and LongCE weights,
@@ -66,7 +66,8 @@ FULL = dict(
     drill_length=32, drill_value_length=12, drill_iters=5000, drill_batch=32, drill_micro=16,
     drill_lr=2e-3,
     pretrain_iters=1500, pretrain_batch=32, pretrain_micro=16, pretrain_lr=1e-3,
-    pretrain_records=1, pretrain_length=0, extend_records=4, value_length=8, alphabet=512, drill_share=0.85,
+    pretrain_records=1, pretrain_length=0, extend_records=4, value_length=8, alphabet=512,
+    drill_share=0.85,
     pretrain_drill_share=0.5,
     extend_drill_share=0.0, extend_drill_records=4, extend_near_share=0.0,
     extend_rotary_base=40000, extend_interpolation=1, extend_iters=100, extend_batch=16,
